@@ -1,0 +1,1 @@
+"""Alembic migrations for the state database (shipped as `reconciler.migrations`)."""

@@ -1,0 +1,1 @@
+"""reconciler: SQL audiences and computed traits to ChartMogul, exactly once per change."""

@@ -1,0 +1,5 @@
+"""`python -m reconciler`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Engines for the state and source databases, and migrations run from code."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from .errors import DatabaseError
+from .redact import Redactor, mask_database_url
+
+
+def normalize_url(url: str) -> URL:
+    """Plain `postgresql://` URLs use psycopg 3, the driver we ship."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def state_engine(url: str) -> Engine:
+    """The state database engine: one per process.
+
+    SQLite gets WAL (readers never block the writer), a busy timeout instead of
+    immediate "database is locked" errors, and enforced foreign keys.
+    """
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": 30}
+    engine = create_engine(parsed, **kwargs)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA temp_store=FILE")
+    cursor.close()
+
+
+def source_engine(url: str) -> Engine:
+    """The source database engine. No pool: it is used once a run, read-only."""
+    return create_engine(normalize_url(url), poolclass=NullPool)
+
+
+def alembic_config(engine: Engine | None = None) -> AlembicConfig:
+    """An Alembic config built in code; the scripts ship inside the package."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(files("reconciler.migrations")))
+    if engine is not None:
+        cfg.set_main_option(
+            "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the state database to the newest schema."""
+    cfg = alembic_config()
+    try:
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+    except SQLAlchemyError as exc:
+        raise database_error("state", engine, exc) from None
+
+
+def database_error(which: str, engine: Engine, exc: BaseException) -> DatabaseError:
+    """One secret-free line saying which database failed and why."""
+    url = engine.url.render_as_string(hide_password=False)
+    redact = Redactor(database_urls=(url,))
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = redact(reason[0]) if reason else type(exc).__name__
+    return DatabaseError(
+        f"{which} database {mask_database_url(url)}: {first}")

@@ -1,0 +1,92 @@
+"""The diff (SPEC §1.2): the snapshot against what ChartMogul acknowledged, in SQL.
+
+Fills two temp tables on the run's connection:
+
+    diff(user_id, key, kind, new_value, old_value, forced)
+        every (user, key) to send: a member not acknowledged as one (`true`), an
+        acknowledged member gone from the audience (`false`), a trait whose value
+        differs from the acknowledged one; in a resync, every current value of the
+        resynced keys too (`forced = 1`).
+    kept(user_id, update_id)
+        live updates (pending, or rejected and so blocking) that still describe the
+        current state: they stay as they are, with their message id, and their users
+        leave the diff. Every other live update is superseded by the plan.
+
+Keys of entries that failed this run are neither diffed nor used to judge live
+updates: nothing is sent or retracted on a key whose state is unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from sqlalchemy import Connection
+
+from .config import Entry
+from .source import FALSE, TRUE
+
+
+def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str],
+                  resync_keys: Collection[str]) -> None:
+    """The keys this run diffs (and which of them a resync forces), as a temp table."""
+    prefix = "temp." if state.dialect.name == "sqlite" else ""
+    state.exec_driver_sql(f"DROP TABLE IF EXISTS {prefix}run_keys")
+    state.exec_driver_sql("CREATE TEMP TABLE run_keys (key TEXT PRIMARY KEY, kind TEXT NOT NULL,"
+                          " forced INTEGER NOT NULL, failed INTEGER NOT NULL)")
+    rows: list[tuple[str, str, int, int]] = [
+        (e.key, e.kind, int(e.key in resync_keys), 0) for e in loaded]
+    rows += [(key, "", 0, 1) for key in failed]
+    if rows:
+        mark = "?" if state.dialect.name == "sqlite" else "%s"
+        state.exec_driver_sql(f"INSERT INTO run_keys VALUES ({mark}, {mark}, {mark}, {mark})",
+                              rows)
+
+
+def fill_diff(state: Connection) -> None:
+    """Compute `diff` from `snap`, `run_keys` and `acked`."""
+    state.exec_driver_sql(f"""
+        INSERT INTO diff (user_id, key, kind, new_value, old_value, forced)
+        SELECT s.user_id, s.key, k.kind, s.value, a.value, k.forced
+        FROM (SELECT DISTINCT user_id, key, value FROM snap) AS s
+        JOIN run_keys AS k ON k.key = s.key AND k.failed = 0
+        LEFT JOIN acked AS a ON a.user_id = s.user_id AND a.key = s.key
+        WHERE a.value IS NULL OR a.value <> s.value OR k.forced = 1
+        UNION ALL
+        SELECT a.user_id, a.key, k.kind, '{FALSE}', a.value, k.forced
+        FROM acked AS a
+        JOIN run_keys AS k ON k.key = a.key AND k.kind = 'audience' AND k.failed = 0
+        WHERE a.value = '{TRUE}'
+          AND NOT EXISTS (SELECT 1 FROM snap AS s WHERE s.user_id = a.user_id AND s.key = a.key)
+    """)
+    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
+    _fill_kept(state)
+    state.exec_driver_sql("DELETE FROM diff WHERE user_id IN (SELECT user_id FROM kept)")
+    if state.dialect.name == "postgresql":
+        state.exec_driver_sql("ANALYZE diff")
+
+
+def _fill_kept(state: Connection) -> None:
+    # A live update is kept when each of its rows still matches the current state
+    # (or concerns a key that failed this run) and it carries every current change of
+    # its user. A resync forcing a user's keys replaces whatever was live for them.
+    state.exec_driver_sql(f"""
+        INSERT INTO kept (user_id, update_id)
+        SELECT u.user_id, u.id FROM updates AS u
+        WHERE u.status IN ('pending', 'rejected')
+          AND NOT EXISTS (
+            SELECT 1 FROM changes AS c
+            LEFT JOIN run_keys AS k ON k.key = c.key
+            WHERE c.update_id = u.id AND (k.key IS NULL OR (k.failed = 0 AND NOT (
+                 (c.kind = 'audience' AND c.new_value = '{TRUE}' AND EXISTS (
+                    SELECT 1 FROM snap AS s WHERE s.user_id = c.user_id AND s.key = c.key))
+              OR (c.kind = 'audience' AND c.new_value = '{FALSE}' AND NOT EXISTS (
+                    SELECT 1 FROM snap AS s WHERE s.user_id = c.user_id AND s.key = c.key))
+              OR (c.kind = 'trait' AND EXISTS (
+                    SELECT 1 FROM snap AS s WHERE s.user_id = c.user_id AND s.key = c.key
+                    AND s.value = c.new_value))))))
+          AND NOT EXISTS (
+            SELECT 1 FROM diff AS d
+            WHERE d.user_id = u.user_id AND (d.forced = 1 OR NOT EXISTS (
+                SELECT 1 FROM changes AS c
+                WHERE c.update_id = u.id AND c.key = d.key AND c.new_value = d.new_value)))
+    """)

@@ -1,0 +1,64 @@
+"""Every error reconciler raises on purpose, in one tree.
+
+    ReconcilerError                 exit_status, one-line message for the CLI
+    ├── ConfigError (2)             a config file or option is wrong: names file, entry, fix
+    ├── UsageError (2)              a command-line argument is wrong (unknown run id, key)
+    ├── LockHeld (3)                another run holds the lock: names host, pid and since
+    └── RunFailed (1)               a run could not finish
+        ├── DatabaseError           the state or source database is unreachable or failing
+        └── SourceEntryError        one audience/trait/profile query returned bad data
+
+The CLI turns each into its message on one line and its exit status, never a
+traceback. Messages are secret-free: URLs pass through `redact` before they get here.
+"""
+
+from __future__ import annotations
+
+
+class ReconcilerError(Exception):
+    """Base class: `str(error)` is the one line shown to the user."""
+
+    exit_status = 1
+
+
+class ConfigError(ReconcilerError):
+    """The configuration is invalid; nothing has run or been written."""
+
+    exit_status = 2
+
+    def __init__(self, path: str, entry: str, problem: str, fix: str = "") -> None:
+        self.path, self.entry, self.problem, self.fix = path, entry, problem, fix
+        message = f"{path}: {entry}: {problem}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)
+
+
+class UsageError(ReconcilerError):
+    """A command-line argument names something that does not exist."""
+
+    exit_status = 2
+
+
+class LockHeld(ReconcilerError):
+    """Another run holds the state database's lock."""
+
+    exit_status = 3
+
+
+class RunFailed(ReconcilerError):
+    """A run could not complete; acknowledged state is unchanged by the failure."""
+
+    exit_status = 1
+
+
+class DatabaseError(RunFailed):
+    """The state or source database could not be used."""
+
+
+class SourceEntryError(RunFailed):
+    """One config entry's query failed or returned unusable rows."""
+
+    def __init__(self, entry: str, problem: str) -> None:
+        self.entry, self.problem = entry, problem
+        super().__init__(f"{entry}: {problem}")

@@ -1,0 +1,88 @@
+"""Reading sync history back (SPEC §4 `history`, `show`, `user`) as plain dicts.
+
+Every time is ISO 8601 UTC; every dict is JSON-ready and is what `--json` prints.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from .errors import UsageError
+from .schema import acked, changes, deliveries, sync_runs, updates
+
+RUN_FIELDS = [c.name for c in sync_runs.columns]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+def _row(row: Any) -> dict[str, Any]:
+    return {key: _jsonable(value) for key, value in row._mapping.items()}
+
+
+def _value(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def list_runs(state: Connection, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest runs first."""
+    rows = state.execute(select(sync_runs).order_by(sync_runs.c.id.desc()).limit(limit))
+    return [_row(row) for row in rows]
+
+
+def show_run(state: Connection, run_id: int) -> dict[str, Any]:
+    """One run with its changes and its delivery attempts; UsageError if unknown."""
+    row = state.execute(select(sync_runs).where(sync_runs.c.id == run_id)).first()
+    if row is None:
+        raise UsageError(f"no run with id {run_id}; `reconciler history` lists them")
+    run = _row(row)
+    run["changes"] = [
+        {**_row(c), "old_value": _value(c.old_value), "new_value": _value(c.new_value)}
+        for c in state.execute(
+            select(changes.c.user_id, changes.c.key, changes.c.kind, changes.c.old_value,
+                   changes.c.new_value, updates.c.message_id, updates.c.status,
+                   updates.c.note)
+            .join(updates, updates.c.id == changes.c.update_id)
+            .where(changes.c.run_id == run_id).order_by(changes.c.user_id, changes.c.key))]
+    run["deliveries"] = [_row(d) for d in state.execute(
+        select(updates.c.user_id, updates.c.message_id, deliveries.c.attempt,
+               deliveries.c.sent_at, deliveries.c.status_code, deliveries.c.outcome,
+               deliveries.c.latency_ms, deliveries.c.error)
+        .join(updates, updates.c.id == deliveries.c.update_id)
+        .where(deliveries.c.run_id == run_id).order_by(deliveries.c.id))]
+    return run
+
+
+def user_timeline(state: Connection, user_id: str) -> dict[str, Any]:
+    """A user's acknowledged state per key and every update made for them."""
+    state_rows = state.execute(select(acked.c.key, acked.c.value, acked.c.acked_at)
+                               .where(acked.c.user_id == user_id).order_by(acked.c.key))
+    timeline = []
+    for u in state.execute(select(updates).where(updates.c.user_id == user_id)
+                           .order_by(updates.c.id)):
+        timeline.append({
+            "run_id": u.run_id, "message_id": u.message_id, "status": u.status,
+            "observed_at": _jsonable(u.observed_at), "settled_at": _jsonable(u.settled_at),
+            "note": u.note,
+            "changes": [{"key": c.key, "old_value": _value(c.old_value),
+                         "new_value": _value(c.new_value)}
+                        for c in state.execute(select(changes).where(
+                            changes.c.update_id == u.id).order_by(changes.c.key))],
+            "deliveries": [_row(d) for d in state.execute(
+                select(deliveries.c.run_id, deliveries.c.attempt, deliveries.c.sent_at,
+                       deliveries.c.status_code, deliveries.c.outcome, deliveries.c.error)
+                .where(deliveries.c.update_id == u.id).order_by(deliveries.c.id))],
+        })
+    return {
+        "user_id": user_id,
+        "acknowledged": {r.key: {"value": _value(r.value), "acked_at": _jsonable(r.acked_at)}
+                         for r in state_rows},
+        "timeline": timeline,
+    }

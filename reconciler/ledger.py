@@ -1,0 +1,147 @@
+"""Everything that moves durable state: runs, planned updates, acknowledgements.
+
+Each function runs inside the caller's transaction and never commits. The rule the
+rest of the program leans on: `acked` and `ack_versions` move only in `acknowledge`,
+in the same transaction that records why (a 2xx delivery, or a skip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+
+from .schema import deliveries, sync_runs, updates
+
+LIVE = ("pending", "rejected")
+
+
+def start_run(state: Connection, trigger: str, started_at: datetime,
+              resync_key: str | None = None) -> int:
+    """Insert a `running` sync_runs row and return its id."""
+    result = state.execute(insert(sync_runs).values(
+        trigger=trigger, status="running", started_at=started_at, resync_key=resync_key,
+        users_seen=0, users_changed=0, entered=0, exited=0, traits_changed=0, sent=0,
+        failed=0, skipped=0, rows_ignored=0, pending=0))
+    assert result.inserted_primary_key is not None
+    return int(result.inserted_primary_key[0])
+
+
+def close_interrupted_runs(state: Connection, now: datetime) -> None:
+    """Runs still `running` when the lock is taken were killed: mark them failed."""
+    state.execute(update(sync_runs).where(sync_runs.c.status == "running").values(
+        status="failed", finished_at=now,
+        error="interrupted: the process ended before the run finished"))
+
+
+def update_run(state: Connection, run_id: int, **values: Any) -> None:
+    state.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
+
+
+def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
+    """Make the temp `plan` durable: supersede stale live updates, add the new ones.
+
+    An update whose message id already exists (superseded earlier, the same logical
+    update derived again) is revived with its original id, timestamp and body.
+    Skipped updates are settled at once: acknowledged as if sent (SPEC §5).
+    """
+    base = state.execute(select(func.coalesce(func.max(updates.c.id), 0))).scalar_one()
+    state.execute(text("UPDATE updates SET status = 'superseded' "
+                       "WHERE status IN ('pending', 'rejected') "
+                       "AND id NOT IN (SELECT update_id FROM kept)"))
+    state.execute(text("UPDATE updates SET status = 'pending' WHERE status = 'superseded' "
+                       "AND message_id IN (SELECT message_id FROM plan)"))
+    state.execute(text("""
+        INSERT INTO updates (id, message_id, user_id, version, resync_run_id, run_id,
+                             observed_at, status, body, note, attempts)
+        SELECT :base + p.seq, p.message_id, p.user_id, p.version, p.resync_run_id, :run,
+               :observed, p.status, p.body, p.note, 0
+        FROM plan AS p
+        WHERE NOT EXISTS (SELECT 1 FROM updates AS u WHERE u.message_id = p.message_id)
+    """).bindparams(bindparam("observed", type_=updates.c.observed_at.type)),
+        {"base": base, "run": run_id, "observed": observed_at})
+    state.execute(text("""
+        INSERT INTO changes (update_id, run_id, user_id, key, kind, old_value, new_value)
+        SELECT :base + p.seq, :run, d.user_id, d.key, d.kind, d.old_value, d.new_value
+        FROM diff AS d JOIN plan AS p ON p.user_id = d.user_id
+        WHERE EXISTS (SELECT 1 FROM updates AS u WHERE u.id = :base + p.seq)
+    """), {"base": base, "run": run_id})
+    skipped = "SELECT id FROM updates WHERE run_id = :run AND status = 'skipped'"
+    acknowledge(state, skipped, {"run": run_id}, "skipped", run_id, observed_at)
+
+
+def acknowledge(state: Connection, ids_sql: str, params: dict[str, Any], status: str,
+                run_id: int, now: datetime) -> None:
+    """Settle the updates selected by `ids_sql` and move the acknowledged state.
+
+    `status` is `sent` (a 2xx) or `skipped`; each user's version moves by one.
+    """
+    stamp = bindparam("now", type_=updates.c.settled_at.type)
+    args = {**params, "now": now, "run": run_id, "status": status}
+    state.execute(text(f"UPDATE updates SET status = :status, settled_run_id = :run, "
+                       f"settled_at = :now WHERE id IN ({ids_sql})").bindparams(stamp), args)
+    # `WHERE true` keeps SQLite's parser from reading ON CONFLICT as a join clause.
+    state.execute(text(f"""
+        INSERT INTO acked (user_id, key, value, update_id, acked_at)
+        SELECT c.user_id, c.key, c.new_value, c.update_id, :now
+        FROM changes AS c WHERE c.update_id IN ({ids_sql}) AND true
+        ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value,
+            update_id = excluded.update_id, acked_at = excluded.acked_at
+    """).bindparams(stamp), args)
+    state.execute(text(f"""
+        INSERT INTO ack_versions (user_id, version)
+        SELECT user_id, 1 FROM updates WHERE id IN ({ids_sql}) AND true
+        ON CONFLICT (user_id) DO UPDATE SET version = ack_versions.version + 1
+    """), args)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One HTTP attempt, as it goes into `deliveries`."""
+
+    attempt: int
+    sent_at: datetime
+    latency_ms: float | None
+    status_code: int | None
+    outcome: str  # acknowledged | retry | rejected | error
+    error: str | None
+
+
+def record_delivery(state: Connection, run_id: int, update_id: int, result: str,
+                    attempts: Sequence[AttemptRecord], now: datetime) -> None:
+    """Record one update's attempts this run; on `acknowledged`, move acked state too.
+
+    `result` is `acknowledged`, `rejected` or `pending` (retries exhausted or stopped).
+    """
+    if attempts:
+        state.execute(insert(deliveries), [
+            {"update_id": update_id, "run_id": run_id, "attempt": a.attempt,
+             "sent_at": a.sent_at, "latency_ms": a.latency_ms, "status_code": a.status_code,
+             "outcome": a.outcome, "error": a.error} for a in attempts])
+    last = attempts[-1] if attempts else None
+    state.execute(update(updates).where(updates.c.id == update_id).values(
+        attempts=updates.c.attempts + len(attempts),
+        last_status_code=last.status_code if last else updates.c.last_status_code,
+        last_error=last.error if last else updates.c.last_error))
+    if result == "acknowledged":
+        acknowledge(state, ":update_id", {"update_id": update_id}, "sent", run_id, now)
+    elif result == "rejected":
+        state.execute(update(updates).where(updates.c.id == update_id).values(
+            status="rejected", settled_run_id=run_id, settled_at=now))
+
+
+def pending_page(state: Connection, after_id: int, limit: int) -> list[tuple[int, str, str]]:
+    """(id, message_id, body) of pending updates after `after_id`, oldest first."""
+    rows = state.execute(
+        select(updates.c.id, updates.c.message_id, updates.c.body)
+        .where(updates.c.status == "pending", updates.c.id > after_id)
+        .order_by(updates.c.id).limit(limit)).all()
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def count_pending(state: Connection) -> int:
+    return int(state.execute(select(func.count()).select_from(updates)
+                             .where(updates.c.status == "pending")).scalar_one())

@@ -1,0 +1,103 @@
+"""Turning the diff into Identify updates: one per changed user (SPEC §1.3, §7).
+
+Streams `diff` ordered by user, joined with the user's acknowledged version and
+contact fields, and writes one row per user into the temp table `plan` with its
+deterministic message id and its Send Contact body. Only changed users pass through
+Python; everything else stays in SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import Connection
+
+from .contact import build_contact
+
+BATCH = 5_000
+
+
+def message_id(user_id: str, version: int, resync_run_id: int | None,
+               changed: Sequence[tuple[str, str]]) -> str:
+    """The id of one logical update: same user, keys, values, version, resync ⇒ same id.
+
+    `changed` holds (key, canonical JSON value) pairs in key order.
+    """
+    canonical = json.dumps([user_id, version, resync_run_id, [list(c) for c in changed]],
+                           ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
+
+
+@dataclass
+class PlanCounts:
+    users: int = 0
+    entered: int = 0
+    exited: int = 0
+    traits_changed: int = 0
+    skipped: int = 0
+
+
+def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | None,
+              custom_attributes: bool) -> PlanCounts:
+    """Write `plan` from `diff`; return what it holds."""
+    counts = PlanCounts()
+    mark = "?" if state.dialect.name == "sqlite" else "%s"
+    insert = f"INSERT INTO plan VALUES ({', '.join([mark] * 8)})"
+    batch: list[tuple[Any, ...]] = []
+    for seq, (user_id, rows) in enumerate(_changed_users(state), 1):
+        version = rows[0][4] or 0
+        forced = any(row[3] for row in rows)
+        resync = resync_run_id if forced else None
+        changed = [(row[0], row[2]) for row in rows]
+        mid = message_id(user_id, version, resync, changed)
+        profile = json.loads(rows[0][5]) if rows[0][5] else {}
+        contact = build_contact(mid, observed_at, user_id, profile,
+                                [(key, json.loads(value)) for key, value in changed],
+                                custom_attributes)
+        status = "skipped" if contact.skip else "pending"
+        note = contact.skip if contact.skip else contact.note
+        if contact.skip and contact.note:
+            note = f"{contact.skip}; {contact.note}"
+        batch.append((seq, user_id, mid, version, resync, contact.text, status, note))
+        counts.users += 1
+        counts.skipped += contact.skip is not None
+        for _key, kind, value, _forced, _version, _profile in rows:
+            if kind == "trait":
+                counts.traits_changed += 1
+            elif value == "true":
+                counts.entered += 1
+            else:
+                counts.exited += 1
+        if len(batch) >= BATCH:
+            state.exec_driver_sql(insert, batch)
+            batch = []
+    if batch:
+        state.exec_driver_sql(insert, batch)
+    state.exec_driver_sql("CREATE INDEX plan_user ON plan (user_id)")
+    state.exec_driver_sql("CREATE INDEX plan_message ON plan (message_id)")
+    return counts
+
+
+def _changed_users(state: Connection) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+    """(user_id, [(key, kind, new_value, forced, version, profile), ...]) by user."""
+    # A server-side cursor on PostgreSQL; `plan` is written on this same connection
+    # while the cursor is open, which both backends allow for distinct tables.
+    result = state.exec_driver_sql("""
+        SELECT d.user_id, d.key, d.kind, d.new_value, d.forced, v.version, p.data
+        FROM diff AS d
+        LEFT JOIN ack_versions AS v ON v.user_id = d.user_id
+        LEFT JOIN profile AS p ON p.user_id = d.user_id
+        ORDER BY d.user_id, d.key
+    """, execution_options={"yield_per": BATCH})
+    with result:
+        for user_id, group in groupby(result, key=itemgetter(0)):
+            yield user_id, [tuple(row[1:]) for row in group]

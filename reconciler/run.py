@@ -1,0 +1,291 @@
+"""One sync run, end to end: lock, snapshot, diff, plan, send, record (SPEC §1, §6).
+
+    sync(config, engine)          a real run; returns its RunResult
+    dry_run(config, engine)       snapshot and diff only; leaves nothing durable
+
+The planning phase ends in one transaction that makes every update durable before
+anything is sent, so a crash at any point loses nothing: the next run finds the
+pending updates and re-sends them with their original message ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from .config import Config
+from .db import database_error, source_engine
+from .diff import fill_diff, fill_run_keys
+from .errors import ReconcilerError, RunFailed
+from .ledger import (
+    close_interrupted_runs,
+    commit_plan,
+    count_pending,
+    pending_page,
+    record_delivery,
+    start_run,
+    update_run,
+)
+from .lock import RunLock
+from .plan import PlanCounts, fill_plan
+from .redact import Redactor
+from .schema import entry_keys
+from .sender import Delivery, Job, Sender
+from .snapshot import Snapshot, create_temp_tables, drop_temp_tables, take_snapshot
+
+PAGE = 1_000
+FLUSH_EVERY = 100
+FLUSH_SECONDS = 0.25
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    status: str
+    users_seen: int = 0
+    users_changed: int = 0
+    entered: int = 0
+    exited: int = 0
+    traits_changed: int = 0
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    pending: int = 0
+    rows_ignored: int = 0
+    error: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.status == "succeeded" else 1
+
+
+@dataclass
+class DryRunReport:
+    users_seen: int
+    counts: PlanCounts
+    kept: int
+    rows_ignored: int
+    failed_entries: dict[str, str]
+    sample: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.failed_entries else 0
+
+
+@dataclass
+class RunOptions:
+    """How a run is started; the defaults are a manual `reconciler sync`."""
+
+    trigger: str = "manual"
+    resync_keys: Collection[str] = ()
+    resync_label: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    transport: httpx.BaseTransport | None = None
+    progress: Progress | None = None
+    backoff_initial: float = 0.5
+
+
+def redactor(config: Config) -> Redactor:
+    return Redactor(webhook_url=config.destination.webhook_url,
+                    database_urls=(config.database_url, config.source_url))
+
+
+def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> RunResult:
+    """Run once under the lock. Raises LockHeld (another run) or RunFailed."""
+    options = options or RunOptions()
+    redact = redactor(config)
+    lock = RunLock(engine)
+    try:
+        lock.acquire()
+    except SQLAlchemyError as exc:
+        raise database_error("state", engine, exc) from None
+    try:
+        now = datetime.now(UTC)
+        try:
+            with engine.begin() as conn:
+                close_interrupted_runs(conn, now)
+                run_id = start_run(conn, options.trigger, now, options.resync_label)
+                _record_keys(conn, config, now)
+            lock.set_run(run_id)
+        except SQLAlchemyError as exc:
+            raise database_error("state", engine, exc) from None
+        result = RunResult(run_id, "running")
+        try:
+            snapshot = _prepare(config, engine, run_id, options, result)
+            _send(config, engine, run_id, options, lock, result)
+            result.status = "partial" if (result.failed or result.pending
+                                          or snapshot.failed) else "succeeded"
+            if snapshot.failed:
+                result.error = redact("; ".join(str(e) for e in snapshot.failed.values()))
+        except (ReconcilerError, SQLAlchemyError) as exc:
+            if isinstance(exc, SQLAlchemyError):
+                exc = database_error("state", engine, exc)
+            result.status, result.error = "failed", redact(str(exc))
+            _finish(engine, result)
+            raise RunFailed(f"run {run_id} failed: {result.error}") from None
+        _finish(engine, result)
+        return result
+    finally:
+        # If the database is gone, the lease expires and the next run takes over.
+        with contextlib.suppress(SQLAlchemyError):
+            lock.release()
+
+
+def dry_run(config: Config, engine: Engine, sample_size: int = 5) -> DryRunReport:
+    """Snapshot and diff, then roll everything back: no lock, no run row, nothing sent."""
+    observed_at = datetime.now(UTC)
+    try:
+        with engine.connect() as state:
+            snapshot = _snapshot(config, state)
+            fill_run_keys(state, snapshot.loaded, snapshot.failed, ())
+            fill_diff(state)
+            counts = fill_plan(state, observed_at, None, config.destination.custom_attributes)
+            kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
+            rows = state.exec_driver_sql(
+                "SELECT body, status, note FROM plan ORDER BY seq LIMIT "
+                f"{int(sample_size)}").all()
+            state.rollback()
+            drop_temp_tables(state)
+            state.commit()
+    except SQLAlchemyError as exc:
+        raise database_error("state", engine, exc) from None
+    sample = [{"status": status, "note": note, "body": json.loads(body)}
+              for body, status, note in rows]
+    return DryRunReport(snapshot.users_seen, counts, kept, snapshot.rows_ignored,
+                        {k: str(e) for k, e in snapshot.failed.items()}, sample)
+
+
+def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
+    """Keep every key ever configured; retire the ones no longer in the config."""
+    known = {row.key: row for row in conn.execute(select(entry_keys))}
+    for entry in config.entries:
+        row = known.get(entry.key)
+        if row is None:
+            conn.execute(insert(entry_keys).values(key=entry.key, kind=entry.kind,
+                                                   name=entry.name, active=True,
+                                                   first_seen_at=now))
+        elif not row.active or row.name != entry.name or row.kind != entry.kind:
+            conn.execute(update(entry_keys).where(entry_keys.c.key == entry.key).values(
+                kind=entry.kind, name=entry.name, active=True, retired_at=None))
+    configured = {e.key for e in config.entries}
+    for key, row in known.items():
+        if row.active and key not in configured:
+            conn.execute(update(entry_keys).where(entry_keys.c.key == key)
+                         .values(active=False, retired_at=now))
+
+
+def _snapshot(config: Config, state: Connection) -> Snapshot:
+    create_temp_tables(state)
+    source = source_engine(config.source_url)
+    try:
+        try:
+            conn = source.connect()
+        except SQLAlchemyError as exc:
+            raise database_error("source", source, exc) from None
+        with conn:
+            return take_snapshot(config, conn, state)
+    finally:
+        source.dispose()
+
+
+def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
+             result: RunResult) -> Snapshot:
+    """Snapshot, diff and plan; commit the plan as pending updates in one transaction."""
+    observed_at = datetime.now(UTC)
+    with engine.connect() as state:
+        snapshot = _snapshot(config, state)
+        fill_run_keys(state, snapshot.loaded, snapshot.failed, options.resync_keys)
+        fill_diff(state)
+        counts = fill_plan(state, observed_at, run_id if options.resync_keys else None,
+                           config.destination.custom_attributes)
+        commit_plan(state, run_id, observed_at)
+        result.users_seen, result.users_changed = snapshot.users_seen, counts.users
+        result.entered, result.exited = counts.entered, counts.exited
+        result.traits_changed, result.skipped = counts.traits_changed, counts.skipped
+        result.rows_ignored = snapshot.rows_ignored
+        update_run(state, run_id, snapshot_at=observed_at, users_seen=result.users_seen,
+                   users_changed=counts.users, entered=counts.entered, exited=counts.exited,
+                   traits_changed=counts.traits_changed, skipped=counts.skipped,
+                   rows_ignored=snapshot.rows_ignored)
+        state.commit()
+        drop_temp_tables(state)
+        state.commit()
+    return snapshot
+
+
+def _send(config: Config, engine: Engine, run_id: int, options: RunOptions, lock: RunLock,
+          result: RunResult) -> None:
+    """Send every pending update, oldest first, recording results in small batches."""
+    with engine.connect() as conn, Sender(
+            config.destination, stop=options.stop, transport=options.transport,
+            backoff_initial=options.backoff_initial) as sender:
+        total = count_pending(conn)
+        conn.commit()
+        done = 0
+        batch: list[Delivery] = []
+        flushed = time.monotonic()
+        for delivery in sender.deliver(_jobs(conn)):
+            batch.append(delivery)
+            if lock.lost.is_set():
+                options.stop.set()
+            if len(batch) >= FLUSH_EVERY or time.monotonic() - flushed > FLUSH_SECONDS:
+                done += _flush(conn, run_id, batch, result)
+                flushed = time.monotonic()
+                if options.progress:
+                    options.progress(done, total)
+        done += _flush(conn, run_id, batch, result)
+        if options.progress:
+            options.progress(done, total)
+        result.pending = count_pending(conn)
+        conn.commit()
+
+
+def _jobs(conn: Connection) -> Iterator[Job]:
+    after = 0
+    while page := pending_page(conn, after, PAGE):
+        conn.commit()
+        for update_id, message_id, body in page:
+            yield Job(update_id, message_id, body)
+        after = page[-1][0]
+
+
+def _flush(conn: Connection, run_id: int, batch: list[Delivery], result: RunResult) -> int:
+    """Record a batch of deliveries in one transaction; acknowledgements move with them."""
+    if not batch:
+        return 0
+    now = datetime.now(UTC)
+    for delivery in batch:
+        record_delivery(conn, run_id, delivery.job.update_id, delivery.result,
+                        delivery.attempts, now)
+        if delivery.result == "acknowledged":
+            result.sent += 1
+        elif delivery.attempts:
+            result.failed += 1
+    update_run(conn, run_id, sent=result.sent, failed=result.failed)
+    conn.commit()
+    count = len(batch)
+    batch.clear()
+    return count
+
+
+def _finish(engine: Engine, result: RunResult) -> None:
+    try:
+        with engine.begin() as conn:
+            update_run(conn, result.run_id, status=result.status,
+                       finished_at=datetime.now(UTC), sent=result.sent, failed=result.failed,
+                       pending=result.pending, error=result.error)
+    except SQLAlchemyError:
+        pass  # the state database went away; the next run closes this row as interrupted

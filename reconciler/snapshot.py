@@ -1,0 +1,191 @@
+"""Snapshotting the source into temporary tables of the state database.
+
+The snapshot lives in TEMP tables on the run's own connection: a dry run and a real
+run never see each other's rows, a killed process leaves nothing behind, and SQLite
+keeps them out of the main database file (no write lock taken). Loading is bulk:
+SQLite gets plain executemany into an unindexed table and the index afterwards;
+PostgreSQL gets COPY.
+
+    snap(user_id, key, value)       one row per audience membership / trait value
+    profile(user_id, data)          one contact-field JSON object per user
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection
+
+from .config import PROFILE_FIELDS, Config, Entry
+from .errors import SourceEntryError
+from .source import TRUE, ReadStats, read_rows, to_json
+
+TEMP_TABLES = ("snap", "profile_raw", "profile", "diff", "kept", "plan")
+
+
+@dataclass
+class Snapshot:
+    """What was loaded: which entries made it, which failed and why."""
+
+    loaded: list[Entry] = field(default_factory=list)
+    failed: dict[str, SourceEntryError] = field(default_factory=dict)  # key → error
+    rows_ignored: int = 0
+    users_seen: int = 0
+
+    @property
+    def failed_keys(self) -> list[str]:
+        return sorted(self.failed)
+
+
+def create_temp_tables(state: Connection) -> None:
+    """(Re)create the run's temporary tables on this connection."""
+    for name in TEMP_TABLES:
+        state.exec_driver_sql(f"DROP TABLE IF EXISTS {_temp(state)}{name}")
+    temp = "CREATE TEMP TABLE"
+    state.exec_driver_sql(f"{temp} snap (user_id TEXT NOT NULL, key TEXT NOT NULL, "
+                          "value TEXT NOT NULL)")
+    state.exec_driver_sql(f"{temp} profile_raw (user_id TEXT NOT NULL, data TEXT NOT NULL)")
+    state.exec_driver_sql(f"{temp} diff (user_id TEXT NOT NULL, key TEXT NOT NULL, "
+                          "kind TEXT NOT NULL, new_value TEXT NOT NULL, old_value TEXT, "
+                          "forced INTEGER NOT NULL)")
+    state.exec_driver_sql(f"{temp} kept (user_id TEXT NOT NULL, update_id INTEGER NOT NULL)")
+    state.exec_driver_sql(f"{temp} plan (seq INTEGER NOT NULL, user_id TEXT NOT NULL, "
+                          "message_id TEXT NOT NULL, version INTEGER NOT NULL, "
+                          "resync_run_id INTEGER, body TEXT NOT NULL, status TEXT NOT NULL, "
+                          "note TEXT)")
+
+
+def drop_temp_tables(state: Connection) -> None:
+    for name in TEMP_TABLES:
+        state.exec_driver_sql(f"DROP TABLE IF EXISTS {_temp(state)}{name}")
+
+
+def _temp(state: Connection) -> str:
+    return "temp." if state.dialect.name == "sqlite" else ""
+
+
+def take_snapshot(config: Config, source: Connection, state: Connection) -> Snapshot:
+    """Run every entry's query and the profile query into the temp tables.
+
+    An entry whose query fails or returns unusable data is recorded in
+    `Snapshot.failed` and its rows removed: the run goes on without that key, and
+    nothing is sent or retracted for it.
+    """
+    snapshot = Snapshot()
+    for entry in config.entries:
+        stats = ReadStats()
+        guard = _Guard()
+        _load(state, "snap", ("user_id", "key", "value"),
+              guard(_entry_rows(source, entry, stats)))
+        if guard.error is not None:
+            state.exec_driver_sql(f"DELETE FROM snap WHERE key = {_param(state)}", (entry.key,))
+            snapshot.failed[entry.key] = guard.error
+        else:
+            snapshot.loaded.append(entry)
+        snapshot.rows_ignored += stats.ignored
+    if config.profile_query:
+        stats = ReadStats()
+        _load(state, "profile_raw", ("user_id", "data"),
+              _profile_rows(source, config.profile_query, stats))
+        snapshot.rows_ignored += stats.ignored
+    state.exec_driver_sql("CREATE INDEX snap_user_key ON snap (user_id, key, value)")
+    for key, user_id in _trait_conflicts(state, [e.key for e in snapshot.loaded
+                                                 if e.kind == "trait"]):
+        conflicted = config.entry_for_key(key)
+        assert conflicted is not None
+        snapshot.failed[key] = SourceEntryError(
+            conflicted.label, f'user "{user_id}" has two different values; make the query '
+            "return one value per user (GROUP BY user_id)")
+        snapshot.loaded.remove(conflicted)
+        state.exec_driver_sql(f"DELETE FROM snap WHERE key = {_param(state)}", (key,))
+    # One profile row per user, chosen deterministically: the smallest JSON text.
+    state.exec_driver_sql("CREATE TEMP TABLE profile AS SELECT user_id, MIN(data) AS data "
+                          "FROM profile_raw GROUP BY user_id")
+    state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
+    if state.dialect.name == "postgresql":
+        state.exec_driver_sql("ANALYZE snap")
+        state.exec_driver_sql("ANALYZE profile")
+    snapshot.users_seen = state.exec_driver_sql(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM snap) AS u").scalar_one()
+    return snapshot
+
+
+def _entry_rows(source: Connection, entry: Entry,
+                stats: ReadStats) -> Iterable[list[tuple[Any, ...]]]:
+    if entry.kind == "audience":
+        for chunk in read_rows(source, entry.label, entry.query, ("user_id",), stats=stats):
+            yield [(user_id, entry.key, TRUE) for (user_id,) in chunk]
+    else:
+        for chunk in read_rows(source, entry.label, entry.query, ("user_id", "value"),
+                               stats=stats):
+            # A NULL trait value means "no value": the same as no row.
+            yield [(user_id, entry.key, to_json(value)) for user_id, value in chunk
+                   if value is not None]
+
+
+class _Guard:
+    """Ends a chunk stream quietly on a source error and keeps the error.
+
+    A bulk load (COPY especially) must finish cleanly for the transaction to stay
+    usable; the failed entry's partial rows are deleted afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.error: SourceEntryError | None = None
+
+    def __call__(self, chunks: Iterable[list[tuple[Any, ...]]]
+                 ) -> Iterable[list[tuple[Any, ...]]]:
+        try:
+            yield from chunks
+        except SourceEntryError as exc:
+            self.error = exc
+
+
+def _profile_rows(source: Connection, query: str,
+                  stats: ReadStats) -> Iterable[list[tuple[Any, ...]]]:
+    """(user_id, JSON object of the non-empty contact fields), as text."""
+    for chunk in read_rows(source, "[profile]", query, ("user_id",), PROFILE_FIELDS, stats):
+        fields = stats.columns[1:]
+        rows = []
+        for user_id, *values in chunk:
+            data = {name: str(value) for name, value in zip(fields, values, strict=True)
+                    if value is not None and str(value).strip()}
+            rows.append((user_id, json.dumps(data, sort_keys=True, ensure_ascii=False)))
+        yield rows
+
+
+def _trait_conflicts(state: Connection, trait_keys: list[str]) -> list[tuple[str, str]]:
+    """One (key, user_id) per trait with two different values for one user."""
+    found = []
+    for key in trait_keys:
+        row = state.exec_driver_sql(
+            f"SELECT user_id FROM snap WHERE key = {_param(state)} GROUP BY user_id "
+            "HAVING MIN(value) <> MAX(value) LIMIT 1", (key,)).first()
+        if row is not None:
+            found.append((key, row[0]))
+    return found
+
+
+def _param(state: Connection) -> str:
+    return "?" if state.dialect.name == "sqlite" else "%s"
+
+
+def _load(state: Connection, table: str, columns: tuple[str, ...],
+          chunks: Iterable[list[tuple[Any, ...]]]) -> None:
+    if state.dialect.name == "postgresql":
+        raw = state.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cursor, cursor.copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for chunk in chunks:
+                for row in chunk:
+                    copy.write_row(row)
+    else:
+        marks = ", ".join("?" for _ in columns)
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+        for chunk in chunks:
+            if chunk:
+                state.exec_driver_sql(sql, chunk)

@@ -1,0 +1,100 @@
+"""A real HTTP server on 127.0.0.1 standing in for the ChartMogul webhook.
+
+It records every request (path, headers, parsed JSON body, arrival time) and answers
+from a script: a callable `respond(request_number, body) -> Reply`, default 200.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: str = "ok"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0      # seconds to wait before answering
+    drop: bool = False      # close the connection without answering
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    at: float
+    status: int
+
+
+class Receiver:
+    def __init__(self, respond: Callable[[int, dict[str, Any]], Reply] | None = None) -> None:
+        self.respond = respond or (lambda _n, _b: Reply())
+        self.requests: list[Received] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                body = json.loads(raw)
+                with receiver._lock:
+                    number = len(receiver.requests) + 1
+                    reply = receiver.respond(number, body)
+                    receiver.requests.append(Received(self.path, dict(self.headers), body,
+                                                      time.monotonic(), reply.status))
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if reply.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                data = reply.body.encode()
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/hook/s3cr3t-token"
+
+    def start(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def bodies(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r.body for r in self.requests]
+
+    def by_user(self) -> dict[str, list[dict[str, Any]]]:
+        result: dict[str, list[dict[str, Any]]] = {}
+        for body in self.bodies():
+            result.setdefault(body.get("user_id", ""), []).append(body)
+        return result
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
