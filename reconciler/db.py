@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -55,10 +56,19 @@ def source_engine(url: str) -> Engine:
     return create_engine(normalize_url(url), poolclass=NullPool)
 
 
+def migrations_dir() -> str:
+    """The Alembic scripts: shipped as `reconciler.migrations` when installed, or the
+    repository's `migrations/` when the package is imported from a source tree."""
+    try:
+        return str(files("reconciler.migrations"))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parent.parent / "migrations")
+
+
 def alembic_config(engine: Engine | None = None) -> AlembicConfig:
-    """An Alembic config built in code; the scripts ship inside the package."""
+    """An Alembic config built in code, so migrations work after `pip install .`."""
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(files("reconciler.migrations")))
+    cfg.set_main_option("script_location", migrations_dir())
     if engine is not None:
         cfg.set_main_option(
             "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
