@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from .contact import build_contact
+from .source import TRUE
 
 BATCH = 5_000
 
@@ -29,10 +30,12 @@ def message_id(user_id: str, version: int, resync_run_id: int | None,
                changed: Sequence[tuple[str, str]]) -> str:
     """The id of one logical update: same user, keys, values, version, resync ⇒ same id.
 
-    `changed` holds (key, canonical JSON value) pairs in key order.
+    `changed` holds (key, canonical JSON value) pairs in key order. Keys are
+    `[a-z0-9_]` and JSON text escapes control characters, so the separators below
+    cannot occur inside a part; the user id is length-prefixed.
     """
-    canonical = json.dumps([user_id, version, resync_run_id, [list(c) for c in changed]],
-                           ensure_ascii=False, separators=(",", ":"))
+    canonical = "\x1f".join((f"{len(user_id)}:{user_id}", str(version), str(resync_run_id),
+                              *(f"{key}={value}" for key, value in changed)))
     digest = hashlib.sha256(canonical.encode()).digest()
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
@@ -52,6 +55,9 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     counts = PlanCounts()
     mark = "?" if state.dialect.name == "sqlite" else "%s"
     insert = f"INSERT INTO plan VALUES ({', '.join([mark] * 8)})"
+    # DBAPI cursors: this loop sees every changed user, and SQLAlchemy's per-row
+    # machinery would cost more than the work itself.
+    writer = state.connection.cursor()
     batch: list[tuple[Any, ...]] = []
     for seq, (user_id, rows) in enumerate(_changed_users(state), 1):
         version = rows[0][4] or 0
@@ -63,25 +69,24 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
         contact = build_contact(mid, observed_at, user_id, profile,
                                 [(key, json.loads(value)) for key, value in changed],
                                 custom_attributes)
-        status = "skipped" if contact.skip else "pending"
-        note = contact.skip if contact.skip else contact.note
-        if contact.skip and contact.note:
-            note = f"{contact.skip}; {contact.note}"
-        batch.append((seq, user_id, mid, version, resync, contact.text, status, note))
+        note = "; ".join(n for n in (contact.skip, contact.note) if n) or None
+        batch.append((seq, user_id, mid, version, resync, contact.text,
+                      "skipped" if contact.skip else "pending", note))
         counts.users += 1
         counts.skipped += contact.skip is not None
         for _key, kind, value, _forced, _version, _profile in rows:
             if kind == "trait":
                 counts.traits_changed += 1
-            elif value == "true":
+            elif value == TRUE:
                 counts.entered += 1
             else:
                 counts.exited += 1
         if len(batch) >= BATCH:
-            state.exec_driver_sql(insert, batch)
+            writer.executemany(insert, batch)
             batch = []
     if batch:
-        state.exec_driver_sql(insert, batch)
+        writer.executemany(insert, batch)
+    writer.close()
     state.exec_driver_sql("CREATE INDEX plan_user ON plan (user_id)")
     state.exec_driver_sql("CREATE INDEX plan_message ON plan (message_id)")
     return counts
@@ -89,15 +94,22 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
 
 def _changed_users(state: Connection) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
     """(user_id, [(key, kind, new_value, forced, version, profile), ...]) by user."""
-    # A server-side cursor on PostgreSQL; `plan` is written on this same connection
-    # while the cursor is open, which both backends allow for distinct tables.
-    result = state.exec_driver_sql("""
+    raw = state.connection.driver_connection
+    assert raw is not None
+    # A server-side cursor on PostgreSQL, so the diff is streamed, never held whole;
+    # `plan` is written on this same connection meanwhile, which both backends allow.
+    reader = raw.cursor("plan_diff") if state.dialect.name == "postgresql" else raw.cursor()
+    reader.execute("""
         SELECT d.user_id, d.key, d.kind, d.new_value, d.forced, v.version, p.data
         FROM diff AS d
         LEFT JOIN ack_versions AS v ON v.user_id = d.user_id
         LEFT JOIN profile AS p ON p.user_id = d.user_id
         ORDER BY d.user_id, d.key
-    """, execution_options={"yield_per": BATCH})
-    with result:
-        for user_id, group in groupby(result, key=itemgetter(0)):
+    """)
+    try:
+        rows = iter(lambda: reader.fetchmany(BATCH), [])
+        for user_id, group in groupby((row for chunk in rows for row in chunk),
+                                      key=itemgetter(0)):
             yield user_id, [tuple(row[1:]) for row in group]
+    finally:
+        reader.close()
