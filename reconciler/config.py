@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError
 from .keys import EXPLICIT_KEY, derive_key
@@ -27,6 +28,8 @@ PROFILE_FIELDS = (
     "linked_in", "twitter", "company_id", "company_name",
 )
 MAX_CONCURRENCY = 20  # ChartMogul answers 503 above 20 parallel connections.
+MAX_KEY_LENGTH = 255  # the state database's key columns
+DEFAULT_DATABASE_URL = "sqlite:///reconciler.db"
 
 Kind = Literal["audience", "trait"]
 
@@ -110,10 +113,18 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(where, "file", "not found",
-                          "pass --config PATH or set RECONCILER_CONFIG") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(where, "file", f"cannot be read ({exc})") from None
+        origin = (" (the path comes from RECONCILER_CONFIG)"
+                  if env.get("RECONCILER_CONFIG") == where else "")
+        raise ConfigError(where, "file", f"not found{origin}",
+                          "create it, pass --config PATH or set RECONCILER_CONFIG") from None
+    except IsADirectoryError:
+        raise ConfigError(where, "file", "is a directory",
+                          "pass the path of the .toml file itself") from None
+    except UnicodeDecodeError:
+        raise ConfigError(where, "file", "is not UTF-8 text", "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(where, "file", f"cannot be read ({exc.strerror})",
+                          "check its permissions") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -123,6 +134,37 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
 
 _TOP = ("database", "source", "destination", "schedule", "profile", "audiences", "traits",
         "daemon", "history")
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "database": ("url",),
+    "source": ("url",),
+    "destination": ("webhook_url", "requests_per_second", "max_concurrency",
+                    "timeout_seconds", "max_attempts", "custom_attributes",
+                    "retry_budget_seconds"),
+    "schedule": ("interval_minutes", "cron"),
+    "profile": ("query",),
+    "audiences": ("name", "key", "query"),
+    "traits": ("name", "key", "query"),
+    "daemon": ("metrics_port", "metrics_host"),
+    "history": ("keep_days",),
+}
+# Keys people reach for to switch TLS verification off; it cannot be.
+_TLS_KEYS = ("verify", "verify_tls", "verify_ssl", "tls_verify", "ssl_verify", "insecure",
+             "skip_tls_verify", "ca_bundle", "tls", "ssl")
+
+
+def _describe(value: Any) -> str:
+    """A TOML value's kind for messages; never the text of a string (it may be a URL)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
 
 
 class _Reader:
@@ -134,24 +176,41 @@ class _Reader:
     def fail(self, entry: str, problem: str, fix: str = "") -> ConfigError:
         return ConfigError(self.where, entry, problem, fix)
 
-    def table(self, raw: Mapping[str, Any], name: str, allowed: tuple[str, ...],
-              required: bool = False) -> dict[str, Any]:
+    def table(self, raw: Mapping[str, Any], name: str, required: bool = False
+              ) -> dict[str, Any] | None:
+        """The section `[name]` checked for unknown keys; None when absent."""
         value = raw.get(name)
         if value is None:
             if required:
                 raise self.fail(f"[{name}]", "section is missing", f"add a [{name}] section")
-            return {}
+            return None
         if not isinstance(value, dict):
-            raise self.fail(name, "must be a table", f"write it as [{name}]")
-        self.no_unknown(value, allowed, f"[{name}]")
+            raise self.fail(name, f"must be a section, got {_describe(value)}",
+                            f"write it as [{name}] with its keys on the lines below")
+        self.no_unknown(value, _SECTIONS[name], f"[{name}]")
         return value
 
     def no_unknown(self, table: Mapping[str, Any], allowed: tuple[str, ...], entry: str) -> None:
         for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else f"allowed: {', '.join(allowed)}"
-                raise self.fail(entry, f'unknown key "{key}"', hint)
+            if key in allowed:
+                continue
+            if entry == "top level":
+                problem = f"unknown section [{key}]"
+            elif key.lower() in _TLS_KEYS:
+                raise self.fail(entry, f'unknown key "{key}"',
+                                "TLS certificate verification cannot be switched off; remove "
+                                "it (a private CA can be trusted with SSL_CERT_FILE)")
+            else:
+                problem = f'unknown key "{key}"'
+            close = difflib.get_close_matches(key, allowed, n=1)
+            home = [f"[{s}]" for s, keys in _SECTIONS.items() if key in keys and s != entry]
+            if close:
+                hint = f'did you mean "{close[0]}"?'
+            elif home and entry != "top level":
+                hint = f"it belongs in {' or '.join(home)}"
+            else:
+                hint = f"allowed: {', '.join(allowed)}"
+            raise self.fail(entry, problem, hint)
 
     def typed(self, table: Mapping[str, Any], key: str, types: type | tuple[type, ...],
               entry: str, default: Any = None, type_name: str = "") -> Any:
@@ -163,7 +222,10 @@ class _Reader:
         value_ok = isinstance(value, types) and (bool in allowed or not isinstance(value, bool))
         if not value_ok:
             wanted = type_name or getattr(types, "__name__", "value")
-            raise self.fail(f"{entry} {key}", f"must be {wanted}, got {value!r}")
+            example = {"a string": f'{key} = "..."', "true or false": f"{key} = true",
+                       "a whole number": f"{key} = 5", "a number": f"{key} = 1.5"}
+            raise self.fail(f"{entry} {key}", f"must be {wanted}, got {_describe(value)}",
+                            f"write it like {example.get(wanted, wanted)}")
         return value
 
     def number(self, table: Mapping[str, Any], key: str, entry: str, default: float,
@@ -171,38 +233,51 @@ class _Reader:
         types: tuple[type, ...] = (int,) if integer else (int, float)
         value = self.typed(table, key, types, entry, default,
                            "a whole number" if integer else "a number")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        if not math.isfinite(value) or value < minimum or (maximum is not None
+                                                            and value > maximum):
             raise self.fail(f"{entry} {key}", f"is {value}", f"use a value {bound}")
         return value
 
-    def database_url(self, url: Any, entry: str, env_name: str) -> str:
-        if not isinstance(url, str) or not url:
-            raise self.fail(f"{entry} url", "is missing",
-                            f'set url = "sqlite:///file.db" or the {env_name} variable')
+    def text(self, table: Mapping[str, Any], key: str, entry: str, env_name: str = "",
+             env: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+        """A string setting, the environment variable winning; also says where it came from."""
+        from_env = (env or {}).get(env_name, "").strip() if env_name else ""
+        if from_env:
+            return from_env, f"{env_name} (environment)"
+        value = self.typed(table, key, str, entry, type_name="a string")
+        return (value.strip() if value is not None else None), f"{entry} {key}"
+
+    def database_url(self, table: Mapping[str, Any], entry: str, env_name: str,
+                     env: Mapping[str, str], default: str | None = None) -> str:
+        url, origin = self.text(table, "url", entry, env_name, env)
+        if not url:
+            if default is not None:
+                return default
+            raise self.fail(origin, "is missing",
+                            f'set url = "sqlite:///file.db" in {entry} or the {env_name} '
+                            "variable")
+        example = 'write it like "sqlite:///file.db" or "postgresql://user@host/db"'
         try:
-            make_url(url)
-        except ArgumentError:
-            raise self.fail(f"{entry} url", "is not a database URL",
-                            'write it like "sqlite:///file.db" or '
-                            '"postgresql+psycopg://user@host/db"') from None
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            raise self.fail(origin, "is not a database URL", example) from None
+        _check_driver(parsed, self.fail, origin)
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            raise self.fail(origin, "is an in-memory SQLite database, which keeps nothing",
+                            'give a file path: "sqlite:///file.db"')
         return url
 
     def config(self, raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         self.no_unknown(raw, _TOP, "top level")
-        database = self.table(raw, "database", ("url",))
-        source = self.table(raw, "source", ("url",))
         database_url = self.database_url(
-            env.get("RECONCILER_DATABASE_URL") or database.get("url"), "[database]",
-            "RECONCILER_DATABASE_URL")
+            self.table(raw, "database") or {}, "[database]", "RECONCILER_DATABASE_URL", env,
+            DEFAULT_DATABASE_URL)
         source_url = self.database_url(
-            env.get("RECONCILER_SOURCE_URL") or source.get("url"), "[source]",
-            "RECONCILER_SOURCE_URL")
+            self.table(raw, "source") or {}, "[source]", "RECONCILER_SOURCE_URL", env)
         entries = self.entries(raw)
-        profile = self.table(raw, "profile", ("query",))
-        profile_query = None
-        if profile:
-            profile_query = self.query(profile, "[profile]")
+        profile = self.table(raw, "profile")
+        profile_query = self.query(profile, "[profile]") if profile is not None else None
         return Config(
             path=self.where,
             database_url=database_url,
@@ -216,16 +291,14 @@ class _Reader:
         )
 
     def destination(self, raw: Mapping[str, Any], env: Mapping[str, str]) -> Destination:
-        allowed = ("webhook_url", "requests_per_second", "max_concurrency", "timeout_seconds",
-                   "max_attempts", "custom_attributes", "retry_budget_seconds")
-        table = self.table(raw, "destination", allowed, required=True)
         entry = "[destination]"
-        url = env.get("CHARTMOGUL_WEBHOOK_URL") or self.typed(
-            table, "webhook_url", str, entry, type_name="a string")
+        from_env = bool(env.get("CHARTMOGUL_WEBHOOK_URL", "").strip())
+        table = self.table(raw, "destination", required=not from_env) or {}
+        url, origin = self.text(table, "webhook_url", entry, "CHARTMOGUL_WEBHOOK_URL", env)
         if not url:
             raise self.fail(f"{entry} webhook_url", "is missing",
                             "set webhook_url or the CHARTMOGUL_WEBHOOK_URL variable")
-        check_webhook_url(url, self.where)
+        check_webhook_url(url, self.where, origin)
         defaults = Destination(webhook_url=url)
         return Destination(
             webhook_url=url,
@@ -244,22 +317,24 @@ class _Reader:
         )
 
     def query(self, table: Mapping[str, Any], entry: str) -> str:
-        query = table.get("query")
-        if not isinstance(query, str) or not query.strip():
+        query = self.typed(table, "query", str, entry, type_name="a string")
+        if query is None or not query.strip():
             raise self.fail(entry, "has no query", 'add query = "SELECT user_id ..."')
-        return query
+        return str(query)
 
     def entries(self, raw: Mapping[str, Any]) -> tuple[Entry, ...]:
         found: list[Entry] = []
         for section, kind in (("audiences", "audience"), ("traits", "trait")):
             tables = raw.get(section, [])
             if not isinstance(tables, list):
-                raise self.fail(section, "must be an array of tables", f"write [[{section}]]")
+                raise self.fail(section, f"must be an array of tables, got {_describe(tables)}",
+                                f"write each one under its own [[{section}]] line")
             for index, table in enumerate(tables, 1):
                 label = f"[[{section}]] #{index}"
                 if not isinstance(table, dict):
-                    raise self.fail(label, "must be a table", f"write [[{section}]]")
-                self.no_unknown(table, ("name", "key", "query"), label)
+                    raise self.fail(label, f"must be a table, got {_describe(table)}",
+                                    f"write each one under its own [[{section}]] line")
+                self.no_unknown(table, _SECTIONS[section], label)
                 name = self.typed(table, "name", str, label, type_name="a string")
                 if not name or not name.strip():
                     raise self.fail(label, "has no name", 'add name = "..."')
@@ -275,6 +350,10 @@ class _Reader:
                     if not key:
                         raise self.fail(label, "name yields an empty key",
                                         'give it letters or digits, or set key = "..."')
+                if len(key) > MAX_KEY_LENGTH:
+                    raise self.fail(label, f"key is {len(key)} characters long",
+                                    f'use a shorter name or set key = "..." (at most '
+                                    f"{MAX_KEY_LENGTH})")
                 found.append(Entry(kind=kind, name=name, key=key,  # type: ignore[arg-type]
                                    query=query))
         by_key: dict[str, Entry] = {}
@@ -288,14 +367,17 @@ class _Reader:
         return tuple(found)
 
     def schedule(self, raw: Mapping[str, Any]) -> Schedule | None:
-        table = self.table(raw, "schedule", ("interval_minutes", "cron"))
-        if not table:
+        table = self.table(raw, "schedule")
+        if table is None:
             return None
         entry = "[schedule]"
         interval = table.get("interval_minutes")
         cron = self.typed(table, "cron", str, entry, type_name="a string")
         if interval is not None and cron is not None:
             raise self.fail(entry, "has both interval_minutes and cron", "keep exactly one")
+        if interval is None and cron is None:
+            raise self.fail(entry, "has neither interval_minutes nor cron",
+                            'add interval_minutes = 120 or cron = "0 */2 * * *"')
         if interval is not None:
             interval = self.number(table, "interval_minutes", entry, 0, 0.001)
         if cron is not None:
@@ -303,7 +385,7 @@ class _Reader:
         return Schedule(interval_minutes=interval, cron=cron)
 
     def daemon(self, raw: Mapping[str, Any]) -> Daemon:
-        table = self.table(raw, "daemon", ("metrics_port", "metrics_host"))
+        table = self.table(raw, "daemon") or {}
         entry = "[daemon]"
         port = None
         if "metrics_port" in table:
@@ -312,9 +394,24 @@ class _Reader:
         return Daemon(metrics_port=port, metrics_host=host)
 
     def history(self, raw: Mapping[str, Any]) -> History:
-        table = self.table(raw, "history", ("keep_days",))
+        table = self.table(raw, "history") or {}
         return History(keep_days=self.number(table, "keep_days", "[history]", 90, 1,
                                              integer=True))
+
+
+def _check_driver(url: URL, fail: Any, origin: str) -> None:
+    """The URL's dialect and driver are installed (psycopg is, as `postgresql://`)."""
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise fail(origin, f'names an unknown database kind "{url.drivername}"',
+                   'use "sqlite:///file.db" or "postgresql://user@host/db"') from None
+    except ImportError as exc:
+        raise fail(origin, f'needs the driver module "{exc.name}", which is not installed',
+                   "install that database's SQLAlchemy driver next to reconciler, or use a "
+                   "postgresql:// or sqlite:// URL") from None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -327,31 +424,38 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_webhook_url(url: str, where: str) -> None:
+def check_webhook_url(url: str, where: str,
+                      entry: str = "[destination] webhook_url") -> None:
     """https only; http solely for loopback hosts. Messages never show the URL's path."""
     from .redact import mask_webhook
 
-    entry = "[destination] webhook_url"
     try:
         parts = urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise ConfigError(where, entry, "is not a valid URL", "use https://host/path") from None
-    if not host or parts.scheme not in ("https", "http"):
+        raise ConfigError(where, entry, "is not a valid URL",
+                          "paste the webhook URL from ChartMogul (https://...)") from None
+    if any(c.isspace() for c in url):
+        raise ConfigError(where, entry, "contains spaces",
+                          "paste the webhook URL from ChartMogul without spaces")
+    if parts.scheme not in ("https", "http") or not host:
         raise ConfigError(where, entry, f"{mask_webhook(url)} is not an https URL",
                           "paste the webhook URL from ChartMogul (https://...)")
     if parts.scheme == "http" and not is_loopback_host(host):
         raise ConfigError(where, entry, f"{mask_webhook(url)} uses http",
-                          "use https; http is allowed only for localhost/127.0.0.1/::1")
+                          "use https; http is allowed only for localhost, 127.0.0.0/8 and ::1")
 
 
 def check_cron(expression: str, where: str) -> None:
-    """Validate a five-field cron expression with APScheduler's own parser."""
-    from apscheduler.triggers.cron import CronTrigger
+    """Validate a five-field cron expression by building the trigger the daemon runs."""
+    from datetime import UTC
+
+    from .crontab import cron_trigger
 
     try:
-        CronTrigger.from_crontab(expression, timezone="UTC")
+        cron_trigger(expression, UTC)
     except ValueError as exc:
         raise ConfigError(where, "[schedule] cron", f'"{expression}" is invalid ({exc})',
-                          'use five fields, e.g. "0 */2 * * *"') from None
+                          'use five fields (minute hour day month weekday), e.g. '
+                          '"0 */2 * * *"') from None

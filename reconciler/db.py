@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -29,12 +30,14 @@ def state_engine(url: str) -> Engine:
     """The state database engine: one per process.
 
     SQLite gets WAL (readers never block the writer), a busy timeout instead of
-    immediate "database is locked" errors, and enforced foreign keys.
+    immediate "database is locked" errors (30 s, or the URL's `?timeout=SECONDS`), and
+    enforced foreign keys.
     """
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
-        kwargs["connect_args"] = {"timeout": 30}
+        timeout = float(parsed.query.get("timeout", 30))  # type: ignore[arg-type]
+        kwargs["connect_args"] = {"timeout": timeout}
     engine = create_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -42,18 +45,35 @@ def state_engine(url: str) -> Engine:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The busy timeout is sqlite3's `timeout` connect argument, set in state_engine.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA temp_store=FILE")
     cursor.close()
 
 
 def source_engine(url: str) -> Engine:
-    """The source database engine. No pool: it is used once a run, read-only."""
-    return create_engine(normalize_url(url), poolclass=NullPool)
+    """The source database engine. No pool: it is used once a run, read-only.
+
+    A SQLite source file is opened read-only, so a mistyped path fails instead of
+    creating an empty database, and no query can change the user's data.
+    """
+    parsed = normalize_url(url)
+    engine = create_engine(parsed, poolclass=NullPool)
+    path = parsed.database
+    if (engine.dialect.name == "sqlite" and path and path != ":memory:"
+            and not path.startswith("file:") and parsed.query.get("uri") != "true"):
+        event.listen(engine, "do_connect", _sqlite_read_only)
+    return engine
+
+
+def _sqlite_read_only(_dialect: Any, _record: Any, cargs: list[Any],
+                      cparams: dict[str, Any]) -> None:
+    # Done at connect time so that engine.url, which messages show, stays the user's.
+    cargs[0] = f"file:{quote(str(cargs[0]))}?mode=ro"
+    cparams["uri"] = True
 
 
 def migrations_dir() -> str:
@@ -86,11 +106,26 @@ def migrate(engine: Engine) -> None:
         raise database_error("state", engine, exc) from None
 
 
-def database_error(which: str, engine: Engine, exc: BaseException) -> DatabaseError:
-    """One secret-free line saying which database failed and why."""
+def database_error(which: str, engine: Engine, exc: BaseException,
+                   context: str = "") -> DatabaseError:
+    """One secret-free line saying which database failed, where (`context`) and why."""
     url = engine.url.render_as_string(hide_password=False)
     redact = Redactor(database_urls=(url,))
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = redact(reason[0]) if reason else type(exc).__name__
+    hint = next((h for w, needle, h in _HINTS if needle in first.lower() and w in ("", which)),
+                "")
     return DatabaseError(
-        f"{which} database {mask_database_url(url)}: {first}")
+        f"{which} database {mask_database_url(url)}: {context}{first}{hint}")
+
+
+# Fixes for the reasons people meet most; the full list is in docs/troubleshooting.md.
+_HINTS = (
+    ("", "database is locked", "; another program holds a lock on the file: stop it or "
+                               "wait (add ?timeout=SECONDS to the URL to wait longer)"),
+    ("", "readonly database", "; make the file and its directory writable"),
+    ("source", "unable to open database file", "; check the path: the file must exist"),
+    ("state", "unable to open database file", "; check that the directory exists and is "
+                                              "writable"),
+    ("", "connection refused", "; is the server running, and are host and port right?"),
+)

@@ -4,12 +4,17 @@
     ├── ConfigError (2)             a config file or option is wrong: names file, entry, fix
     ├── UsageError (2)              a command-line argument is wrong (unknown run id, key)
     ├── LockHeld (3)                another run holds the lock: names host, pid and since
-    └── RunFailed (1)               a run could not finish
-        ├── DatabaseError           the state or source database is unreachable or failing
-        └── SourceEntryError        one audience/trait/profile query returned bad data
+    └── RunFailed (1)               a run could not finish; nothing was sent
+        ├── DatabaseError           the state or source database is unreachable or failing,
+        │                           or a query failed on it: names which database (URL
+        │                           without password), the entry if any, and why
+        └── SourceEntryError        one audience/trait/profile query ran but returned
+                                    unusable data: names the entry and one offending user
 
-The CLI turns each into its message on one line and its exit status, never a
-traceback. Messages are secret-free: URLs pass through `redact` before they get here.
+A `SourceEntryError` for an audience or trait fails only that entry: the run goes on
+without its key and ends `partial`. Everything else ends the run (or stops it from
+starting). The CLI turns each into its message on one line and its exit status, never
+a traceback. Messages are secret-free: URLs pass through `redact` before they get here.
 """
 
 from __future__ import annotations
