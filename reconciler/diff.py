@@ -60,9 +60,45 @@ def fill_diff(state: Connection) -> None:
     """)
     state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
     _fill_kept(state)
+    _fill_corrections(state)
     state.exec_driver_sql("DELETE FROM diff WHERE user_id IN (SELECT user_id FROM kept)")
     if state.dialect.name == "postgresql":
         state.exec_driver_sql("ANALYZE diff")
+
+
+def _fill_corrections(state: Connection) -> None:
+    # An update handed to the sender may have reached ChartMogul without our
+    # recording it (the process was killed with it in flight, or an attempt's outcome
+    # was unknown: no answer, or a 5xx that may follow work done).
+    # When it is superseded, what ChartMogul holds for its keys is unknown: send
+    # their current values, even where they equal the acknowledged ones. A trait
+    # with no value now has nothing to send.
+    state.exec_driver_sql(f"""
+        INSERT INTO diff (user_id, key, kind, new_value, old_value, forced)
+        SELECT * FROM (
+            SELECT c.user_id, c.key, k.kind, CASE
+                WHEN c.kind = 'audience' THEN CASE WHEN EXISTS (
+                    SELECT 1 FROM snap AS s WHERE s.user_id = c.user_id AND s.key = c.key)
+                    THEN '{TRUE}' ELSE '{FALSE}' END
+                ELSE (SELECT MIN(s.value) FROM snap AS s
+                      WHERE s.user_id = c.user_id AND s.key = c.key) END AS new_value,
+                a.value AS old_value, 0 AS forced
+            FROM updates AS u
+            JOIN changes AS c ON c.update_id = u.id
+            JOIN run_keys AS k ON k.key = c.key AND k.failed = 0
+            LEFT JOIN acked AS a ON a.user_id = c.user_id AND a.key = c.key
+            WHERE u.status = 'pending'
+              AND (u.in_flight_since IS NOT NULL OR u.maybe_delivered = {_true(state)})
+              AND u.id NOT IN (SELECT update_id FROM kept)
+              AND NOT EXISTS (SELECT 1 FROM diff AS d
+                              WHERE d.user_id = c.user_id AND d.key = c.key)
+        ) AS corrections
+        WHERE new_value IS NOT NULL
+    """)
+
+
+def _true(state: Connection) -> str:
+    return "1" if state.dialect.name == "sqlite" else "true"
 
 
 def _fill_kept(state: Connection) -> None:

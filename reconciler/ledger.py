@@ -48,10 +48,11 @@ def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
     update derived again) is revived with its original id, timestamp and body.
     Skipped updates are settled at once: acknowledged as if sent (SPEC §5).
     """
-    base = state.execute(select(func.coalesce(func.max(updates.c.id), 0))).scalar_one()
+    # A write first: on SQLite it takes the write lock before anything is read.
     state.execute(text("UPDATE updates SET status = 'superseded' "
                        "WHERE status IN ('pending', 'rejected') "
                        "AND id NOT IN (SELECT update_id FROM kept)"))
+    base = state.execute(select(func.coalesce(func.max(updates.c.id), 0))).scalar_one()
     state.execute(text("UPDATE updates SET status = 'pending' WHERE status = 'superseded' "
                        "AND message_id IN (SELECT message_id FROM plan)"))
     state.execute(text("""
@@ -108,6 +109,9 @@ class AttemptRecord:
     status_code: int | None
     outcome: str  # acknowledged | retry | rejected | error
     error: str | None
+    # False only when the request certainly did no work at the destination: it was
+    # never connected, or was refused before processing (408, 423, 429, 503, 4xx).
+    maybe_delivered: bool = True
 
 
 def record_delivery(state: Connection, run_id: int, update_id: int, result: str,
@@ -115,6 +119,9 @@ def record_delivery(state: Connection, run_id: int, update_id: int, result: str,
     """Record one update's attempts this run; on `acknowledged`, move acked state too.
 
     `result` is `acknowledged`, `rejected` or `pending` (retries exhausted or stopped).
+    Only a still-pending update is settled: if this run lost its lock, another run may
+    have superseded or settled it meanwhile, and acknowledging it twice would move the
+    user's version twice.
     """
     if attempts:
         state.execute(insert(deliveries), [
@@ -122,15 +129,26 @@ def record_delivery(state: Connection, run_id: int, update_id: int, result: str,
              "sent_at": a.sent_at, "latency_ms": a.latency_ms, "status_code": a.status_code,
              "outcome": a.outcome, "error": a.error} for a in attempts])
     last = attempts[-1] if attempts else None
-    state.execute(update(updates).where(updates.c.id == update_id).values(
+    status = state.execute(update(updates).where(updates.c.id == update_id).values(
         attempts=updates.c.attempts + len(attempts),
         last_status_code=last.status_code if last else updates.c.last_status_code,
-        last_error=last.error if last else updates.c.last_error))
+        last_error=last.error if last else updates.c.last_error,
+        in_flight_since=None,
+        **({"maybe_delivered": True} if any(a.maybe_delivered for a in attempts) else {}),
+    ).returning(updates.c.status)).scalar_one_or_none()
+    if status != "pending":
+        return
     if result == "acknowledged":
         acknowledge(state, ":update_id", {"update_id": update_id}, "sent", run_id, now)
     elif result == "rejected":
         state.execute(update(updates).where(updates.c.id == update_id).values(
             status="rejected", settled_run_id=run_id, settled_at=now))
+
+
+def mark_in_flight(state: Connection, update_ids: list[int], now: datetime) -> None:
+    """These updates go to the sender now; until recorded, they may reach ChartMogul."""
+    state.execute(update(updates).where(updates.c.id.in_(update_ids))
+                  .values(in_flight_since=now))
 
 
 def pending_page(state: Connection, after_id: int, limit: int) -> list[tuple[int, str, str]]:

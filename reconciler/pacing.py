@@ -1,37 +1,87 @@
-"""Client-side pacing shared by every sending thread.
+"""Client-side pacing shared by every sending thread (SPEC §3 `requests_per_second`).
 
-Requests are spaced evenly, 1/rate seconds apart, so no one-second window ever holds
-more than `rate` sends. A destination that says "slow down" (429, 503 with
-Retry-After) pauses every thread, not just the one that heard it.
+Two rules, both enforced at admission:
+
+- slots 1/rate apart on a fixed timeline, so a sender that wakes a little late does
+  not push every later slot back (the achieved rate stays close to `rate`), while a
+  sender that finds the pacer idle starts a new timeline (no burst after idle time);
+- a sliding window: an admission comes at least `WINDOW` seconds after the one
+  `rate` admissions before it, so no one-second window ever holds more than `rate`
+  admissions, however late wake-ups bunch them. The window is 1 s plus a margin for
+  the few milliseconds between admission and arrival at the receiver.
+
+A destination that says "slow down" (429, or any Retry-After) pauses every sender,
+not just the one that heard it (`pause`).
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import threading
 import time
 from collections.abc import Callable
 
+# Sleep up to the given seconds; True when interrupted because the run is stopping.
+Sleep = Callable[[float], bool]
+Clock = Callable[[], float]
+
+WINDOW = 1.01
+
 
 class Pacer:
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next = 0.0
-        self._paused_until = 0.0
+    """Admits callers of `wait` at most `rate` a second, evenly spaced; 0 = unpaced."""
 
-    def wait(self, stop: threading.Event) -> bool:
-        """Block until this caller may send; False if `stop` was set meanwhile."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._next, self._paused_until)
-            self._next = slot + self.interval
-        delay = slot - now
-        if delay > 0:
-            return not stop.wait(delay)
-        return not stop.is_set()
+    def __init__(self, rate: float, sleep: Sleep, clock: Clock = time.monotonic) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._sleep = sleep
+        self._clock = clock
+        self._turn = threading.Lock()       # one caller at a time waits for its slot
+        self._state = threading.Lock()      # guards _paused_until; never held while sleeping
+        self._slot = -math.inf              # the next slot on the timeline
+        # Admission times of the last floor(rate) callers (at least one).
+        self._recent: collections.deque[float] = collections.deque(
+            maxlen=max(1, math.floor(rate)) if rate > 0 else 1)
+        self._paused_until = -math.inf
+
+    def wait(self) -> bool:
+        """Block until this caller may send; False if the run stopped meanwhile."""
+        if not self.interval:
+            return self._wait_for_pause()
+        with self._turn:
+            while True:
+                now = self._clock()
+                if now > self._slot + self.interval:
+                    self._slot = now  # idle: a new timeline starts now, no catching up
+                due = max(self._slot, self._window_opens(), self._pause_end())
+                if now >= due:
+                    self._recent.append(now)
+                    self._slot += self.interval
+                    return True
+                if self._sleep(due - now):
+                    return False
+
+    def _window_opens(self) -> float:
+        full = len(self._recent) == self._recent.maxlen
+        return self._recent[0] + WINDOW if full else -math.inf
+
+    def _pause_end(self) -> float:
+        with self._state:
+            return self._paused_until
+
+    def _wait_for_pause(self) -> bool:
+        while (left := self._pause_end() - self._clock()) > 0:
+            if self._sleep(left):
+                return False
+        return True
 
     def pause(self, seconds: float) -> None:
-        """Hold every sender back for `seconds` from now."""
-        with self._lock:
+        """Hold every sender back until `seconds` from now (an earlier pause may last longer)."""
+        with self._state:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    @property
+    def paused_until(self) -> float:
+        """The clock reading before which nobody is admitted (-inf when never paused)."""
+        with self._state:
+            return self._paused_until

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 
 NAMING_CONVENTION = {
@@ -133,6 +134,10 @@ updates = Table(
     Column("body", Text, nullable=False),
     Column("note", Text),
     Column("attempts", Integer, nullable=False, default=0),
+    # Handed to the sender and not yet recorded: it may have reached ChartMogul.
+    Column("in_flight_since", UTCDateTime),
+    # An attempt's outcome was unknown (no answer, or a 5xx that may follow work done).
+    Column("maybe_delivered", Boolean, nullable=False, server_default=false()),
     Column("settled_run_id", Integer),
     Column("settled_at", UTCDateTime),
     Column("last_status_code", Integer),

@@ -208,17 +208,27 @@ def test_pending_update_is_replaced_when_state_changes_in_between(people, engine
     assert body["user_id"] == "u3" and custom(body) == {LTV: 11}
 
 
-def test_pending_update_is_dropped_when_state_returns_to_acknowledged(people, engine_of):
+@pytest.mark.parametrize("reply, resent", [
+    (Reply(503), []),                       # turned away: ChartMogul still has the acked state
+    (Reply(429), []),
+    (Reply(500), [{HV: False}]),            # may have been applied: send the current value
+    (Reply(drop=True), [{HV: False}]),      # no answer: the same
+], ids=["503", "429", "500", "dropped"])
+def test_pending_update_superseded_by_the_acknowledged_state(people, engine_of, reply,
+                                                             resent):
+    """Nothing is sent back, unless the superseded update may have reached ChartMogul."""
     engine = engine_of(people)
     run(people, engine)
     people.warehouse.members("High Value Users", "u2", "u4")
-    people.receiver.respond = lambda n, body: Reply(500)
+    people.receiver.respond = lambda n, body: reply
     run(people, engine, destination="max_attempts = 1")
     people.receiver.respond = lambda n, body: Reply(200)
     people.receiver.clear()
     people.warehouse.members("High Value Users", "u2")
     result = run(people, engine)
-    assert people.receiver.bodies() == [] and result.pending == 0
+    assert [custom(b) for b in people.receiver.bodies()] == resent
+    assert all(b["user_id"] == "u4" for b in people.receiver.bodies())
+    assert result.pending == 0
 
 
 def test_rejected_update_is_not_resent_until_state_changes(people, engine_of):
