@@ -7,25 +7,31 @@ stderr, never a traceback; RECONCILER_DEBUG=1 shows one for unexpected errors).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import history as history_core
+from . import logs, views
 from .config import Config, config_path, load_config
+from .daemon import require_schedule, run_daemon
 from .db import database_error, migrate, state_engine
 from .errors import ReconcilerError, UsageError
-from .run import DryRunReport, RunOptions, RunResult, dry_run, redactor, sync
+from .redact import Redactor, for_config, install_log_redaction
+from .retention import prune_now
+from .run import DryRunReport, RunOptions, RunResult, dry_run, sync
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,34 +41,44 @@ config_option = click.option(
 
 
 def _handle_errors(command: F) -> F:
+    """Our errors become one redacted line on stderr and their exit status (SPEC §4)."""
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except ReconcilerError as exc:
-            click.echo(f"reconciler: {exc}", err=True)
+            click.echo(f"reconciler: {_redact(str(exc))}", err=True)
             sys.exit(exc.exit_status)
+        except KeyboardInterrupt:
+            click.echo("reconciler: interrupted", err=True)
+            sys.exit(130)
         except Exception as exc:
             if os.environ.get("RECONCILER_DEBUG"):
-                traceback.print_exc()
+                click.echo(_redact(traceback.format_exc()), err=True, nl=False)
             click.echo(f"reconciler: unexpected error: {type(exc).__name__}: "
-                       f"{_last_redactor(str(exc))}", err=True)
+                       f"{_redact(str(exc))}", err=True)
             sys.exit(1)
     return wrapper  # type: ignore[return-value]
 
 
-def _last_redactor(text: str) -> str:
-    return _REDACT[0](text) if _REDACT else text
+def _redact(text: str) -> str:
+    """Masks the secrets of the loaded config; before one is loaded, any URL's path and
+    password."""
+    return (_REDACT[0] if _REDACT else Redactor())(text)
 
 
 _REDACT: list[Callable[[str], str]] = []
 
 
-def _setup(config_file: str | None) -> tuple[Config, Engine]:
-    """Load the config and bring the state database to the newest schema."""
+def _setup(config_file: str | None,
+           check: Callable[[Config], object] | None = None) -> tuple[Config, Engine]:
+    """Load the config (and `check` it) and bring the state database to the newest schema."""
     config = load_config(config_path(config_file))
-    _REDACT[:] = [redactor(config)]
+    if check is not None:
+        check(config)  # before anything is written
+    _REDACT[:] = [for_config(config)]
     engine = state_engine(config.database_url)
+    click.get_current_context().call_on_close(engine.dispose)
     migrate(engine)
     return config, engine
 
@@ -99,7 +115,7 @@ def sync_command(config_file: str | None, dry_run: bool, as_json: bool) -> None:
         report = _dry_run(config, engine)
         _print_dry_run(report, as_json)
         sys.exit(report.exit_status)
-    result = sync(config, engine, RunOptions(trigger="manual"))
+    result = _run(config, engine, RunOptions(trigger="manual"), as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
 
@@ -116,15 +132,90 @@ def _dry_run(config: Config, engine: Engine) -> DryRunReport:
 @_handle_errors
 def resync_command(config_file: str | None, key: str | None, as_json: bool) -> None:
     """Send every user's current value for every key (or one key), acknowledged or not."""
-    config, engine = _setup(config_file)
+    config, engine = _setup(config_file, check=lambda c: _resync_keys(c, key))
+    options = RunOptions(trigger="full_resync", resync_keys=_resync_keys(config, key),
+                         resync_label=key or "*")
+    result = _run(config, engine, options, as_json)
+    _print_result(result, as_json)
+    sys.exit(result.exit_status)
+
+
+def _resync_keys(config: Config, key: str | None) -> list[str]:
     keys = [e.key for e in config.entries]
     if key is not None and key not in keys:
         raise UsageError(f'unknown key "{key}"; known keys: {", ".join(keys) or "none"}')
-    options = RunOptions(trigger="full_resync", resync_keys=[key] if key else keys,
-                         resync_label=key or "*")
-    result = sync(config, engine, options)
-    _print_result(result, as_json)
-    sys.exit(result.exit_status)
+    return [key] if key else keys
+
+
+def _run(config: Config, engine: Engine, options: RunOptions, as_json: bool) -> RunResult:
+    """One run, with a progress bar when stdout is a terminal; a signal stops it gently."""
+    out = views.console()
+    with _stop_on_signal(options.stop), contextlib.ExitStack() as stack:
+        if out.is_terminal and not as_json:
+            options.progress = stack.enter_context(views.progress_bar(out))
+        return sync(config, engine, options)
+
+
+@contextlib.contextmanager
+def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
+    """The first SIGINT/SIGTERM lets in-flight deliveries finish and leaves the rest
+    pending; a second one ends the process at once (the next run recovers from that)."""
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.set()
+        sys.stderr.write("\nreconciler: stopping; deliveries in flight finish, the rest stay "
+                         "pending for the next run (signal again to quit at once)\n")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@main.command("daemon")
+@config_option
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text",
+              show_default=True, help="Log lines as text, or one JSON object a line.")
+@_handle_errors
+def daemon_command(config_file: str | None, log_format: str) -> None:
+    """Sync at start, then on [schedule] (UTC), until SIGTERM or SIGINT.
+
+    One log line a run on stderr. A stop signal lets deliveries in flight finish and
+    leaves the rest pending for the next run; exit status 0 after a clean stop.
+    """
+    config, engine = _setup(config_file, check=require_schedule)
+    logs.configure(log_format)
+    install_log_redaction(for_config(config))
+    run_daemon(config, engine)
+
+
+@main.command("prune")
+@config_option
+@click.option("--keep-days", type=click.IntRange(min=1), metavar="DAYS",
+              help="Keep runs of the last DAYS days (default: [history] keep_days, 90).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was deleted as JSON.")
+@_handle_errors
+def prune_command(config_file: str | None, keep_days: int | None, as_json: bool) -> None:
+    """Delete run history older than [history] keep_days (runs also do this as they end).
+
+    Pending updates, rejected ones that still block a re-send, and the acknowledged
+    state are never deleted. Takes the run lock: exit status 3 while a run holds it.
+    """
+    config, engine = _setup(config_file)
+    days = keep_days or config.history.keep_days
+    cutoff, pruned = prune_now(engine, days)
+    data = {"keep_days": days, "cutoff": history_core.iso(cutoff), **vars(pruned)}
+    if as_json:
+        _print_json(data)
+        return
+    click.echo(f"pruned runs started before {data['cutoff']} (keep_days = {days}): "
+               f"{pruned.runs} runs, {pruned.updates} updates, {pruned.changes} changes, "
+               f"{pruned.deliveries} delivery attempts")
 
 
 @main.command("history")
@@ -140,13 +231,7 @@ def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         _print_json(runs)
         return
-    table = Table("run", "trigger", "status", "started", "seen", "changed", "entered",
-                  "exited", "traits", "sent", "failed", "skipped", "error")
-    for run in runs:
-        table.add_row(*(str(run[k] if run[k] is not None else "") for k in (
-            "id", "trigger", "status", "started_at", "users_seen", "users_changed",
-            "entered", "exited", "traits_changed", "sent", "failed", "skipped", "error")))
-    Console(width=200).print(table)
+    views.print_runs(views.console(), runs)
 
 
 @main.command("show")
@@ -157,25 +242,16 @@ def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
 def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
     """One run: counts, changes, and deliveries with their errors."""
     _, engine = _setup(config_file)
-    run = _read(engine, lambda conn: history_core.show_run(conn, run_id))
     if as_json:
-        _print_json(run)
+        _print_json(_read(engine, lambda conn: history_core.show_run(conn, run_id)))
         return
-    console = Console(width=200)
-    counts = {k: v for k, v in run.items() if k not in ("changes", "deliveries")}
-    console.print(" ".join(f"{k}={v}" for k, v in counts.items() if v is not None))
-    changes = Table("user", "key", "old", "new", "status", "note", title="changes")
-    for c in run["changes"]:
-        changes.add_row(c["user_id"], c["key"], json.dumps(c["old_value"]),
-                        json.dumps(c["new_value"]), c["status"], c["note"] or "")
-    console.print(changes)
-    deliveries = Table("user", "attempt", "sent at", "status", "outcome", "ms", "error",
-                       title="deliveries")
-    for d in run["deliveries"]:
-        deliveries.add_row(d["user_id"], str(d["attempt"]), d["sent_at"],
-                           str(d["status_code"] or ""), d["outcome"],
-                           str(d["latency_ms"] or ""), d["error"] or "")
-    console.print(deliveries)
+
+    def for_terminal(conn: Any) -> tuple[Any, ...]:
+        return (history_core.run_summary(conn, run_id),
+                history_core.run_changes(conn, run_id, views.ROWS),
+                history_core.run_deliveries(conn, run_id, views.ROWS, unacknowledged_only=True),
+                history_core.run_totals(conn, run_id))
+    views.print_run(views.console(), *_read(engine, for_terminal))
 
 
 @main.command("user")
@@ -190,19 +266,7 @@ def user_command(user_id: str, config_file: str | None, as_json: bool) -> None:
     if as_json:
         _print_json(data)
         return
-    console = Console(width=200)
-    state = Table("key", "acknowledged value", "since", title=f"user {user_id}")
-    for key, item in data["acknowledged"].items():
-        state.add_row(key, json.dumps(item["value"]), item["acked_at"])
-    console.print(state)
-    timeline = Table("run", "message id", "status", "changes", "attempts", title="timeline")
-    for u in data["timeline"]:
-        timeline.add_row(str(u["run_id"]), u["message_id"], u["status"],
-                         ", ".join(f"{c['key']}={json.dumps(c['new_value'])}"
-                                   for c in u["changes"]),
-                         "; ".join(f"{d['sent_at']} {d['status_code'] or d['outcome']}"
-                                   for d in u["deliveries"]))
-    console.print(timeline)
+    views.print_user(views.console(), data)
 
 
 def _read(engine: Engine, query: Callable[[Any], Any]) -> Any:
@@ -240,7 +304,8 @@ def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
     click.echo(f"dry run: {report.users_seen} users seen; would send {report.counts.users} "
                f"updates (entered {report.counts.entered}, exited {report.counts.exited}, "
                f"traits {report.counts.traits_changed}, skipped {report.counts.skipped}); "
-               f"{report.kept} earlier updates still pending")
+               f"{report.kept} earlier updates kept as they are (pending, or rejected and "
+               "waiting for a change)")
     for key, error in report.failed_entries.items():
         click.echo(f"  entry {key} failed: {error}")
     for item in report.sample:

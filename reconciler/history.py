@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 
 from .errors import UsageError
 from .schema import acked, changes, deliveries, sync_runs, updates
@@ -17,10 +17,13 @@ from .schema import acked, changes, deliveries, sync_runs, updates
 RUN_FIELDS = [c.name for c in sync_runs.columns]
 
 
+def iso(moment: datetime) -> str:
+    """ISO 8601 UTC with a `Z`, as every time in the JSON output."""
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    return value
+    return iso(value) if isinstance(value, datetime) else value
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -38,26 +41,54 @@ def list_runs(state: Connection, limit: int = 20) -> list[dict[str, Any]]:
 
 
 def show_run(state: Connection, run_id: int) -> dict[str, Any]:
-    """One run with its changes and its delivery attempts; UsageError if unknown."""
+    """One run with all its changes and delivery attempts; UsageError if unknown."""
+    run = run_summary(state, run_id)
+    run["changes"] = run_changes(state, run_id)
+    run["deliveries"] = run_deliveries(state, run_id)
+    return run
+
+
+def run_summary(state: Connection, run_id: int) -> dict[str, Any]:
+    """The `sync_runs` row of one run; UsageError if unknown."""
     row = state.execute(select(sync_runs).where(sync_runs.c.id == run_id)).first()
     if row is None:
         raise UsageError(f"no run with id {run_id}; `reconciler history` lists them")
-    run = _row(row)
-    run["changes"] = [
-        {**_row(c), "old_value": _value(c.old_value), "new_value": _value(c.new_value)}
-        for c in state.execute(
-            select(changes.c.user_id, changes.c.key, changes.c.kind, changes.c.old_value,
-                   changes.c.new_value, updates.c.message_id, updates.c.status,
-                   updates.c.note)
-            .join(updates, updates.c.id == changes.c.update_id)
-            .where(changes.c.run_id == run_id).order_by(changes.c.user_id, changes.c.key))]
-    run["deliveries"] = [_row(d) for d in state.execute(
-        select(updates.c.user_id, updates.c.message_id, deliveries.c.attempt,
-               deliveries.c.sent_at, deliveries.c.status_code, deliveries.c.outcome,
-               deliveries.c.latency_ms, deliveries.c.error)
-        .join(updates, updates.c.id == deliveries.c.update_id)
-        .where(deliveries.c.run_id == run_id).order_by(deliveries.c.id))]
-    return run
+    return _row(row)
+
+
+def run_changes(state: Connection, run_id: int,
+                limit: int | None = None) -> list[dict[str, Any]]:
+    """The (user, key) changes recorded by a run, with their update's id and status."""
+    query = (select(changes.c.user_id, changes.c.key, changes.c.kind, changes.c.old_value,
+                    changes.c.new_value, updates.c.message_id, updates.c.status,
+                    updates.c.note)
+             .join(updates, updates.c.id == changes.c.update_id)
+             .where(changes.c.run_id == run_id).order_by(changes.c.user_id, changes.c.key)
+             .limit(limit))
+    return [{**_row(c), "old_value": _value(c.old_value), "new_value": _value(c.new_value)}
+            for c in state.execute(query)]
+
+
+def run_deliveries(state: Connection, run_id: int, limit: int | None = None,
+                   unacknowledged_only: bool = False) -> list[dict[str, Any]]:
+    """The HTTP attempts a run made, in the order they were recorded."""
+    query = (select(updates.c.user_id, updates.c.message_id, deliveries.c.attempt,
+                    deliveries.c.sent_at, deliveries.c.status_code, deliveries.c.outcome,
+                    deliveries.c.latency_ms, deliveries.c.error)
+             .join(updates, updates.c.id == deliveries.c.update_id)
+             .where(deliveries.c.run_id == run_id).order_by(deliveries.c.id).limit(limit))
+    if unacknowledged_only:
+        query = query.where(deliveries.c.outcome != "acknowledged")
+    return [_row(d) for d in state.execute(query)]
+
+
+def run_totals(state: Connection, run_id: int) -> dict[str, int]:
+    """How many changes and delivery attempts (and unacknowledged ones) a run recorded."""
+    def count(table: Any, *where: Any) -> int:
+        return int(state.execute(select(func.count()).select_from(table)
+                                 .where(table.c.run_id == run_id, *where)).scalar_one())
+    return {"changes": count(changes), "deliveries": count(deliveries),
+            "unacknowledged": count(deliveries, deliveries.c.outcome != "acknowledged")}
 
 
 def user_timeline(state: Connection, user_id: str) -> dict[str, Any]:

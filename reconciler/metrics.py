@@ -1,0 +1,105 @@
+"""Prometheus metrics of the daemon, served when `[daemon] metrics_port` is set.
+
+    reconciler_runs_total{status}               runs finished: succeeded, partial, failed
+    reconciler_updates_total{outcome}           updates sent, failed (pending or rejected),
+                                                skipped (SPEC §5)
+    reconciler_lock_skips_total                 ticks skipped because another run held the lock
+    reconciler_pending_updates                  updates waiting for the next run
+    reconciler_last_success_timestamp_seconds   end of the newest succeeded run (Unix time)
+    reconciler_run_duration_seconds             histogram of run wall time
+    reconciler_snapshot_users                   distinct users in the newest snapshot
+
+Counters count this process's runs. The gauges start from the state database, so a
+restarted daemon does not forget when the last success was.
+Every metric lives in its own `CollectorRegistry`, never prometheus_client's global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from sqlalchemy import Engine, func, select
+
+from .run import RunResult
+from .schema import sync_runs, updates
+
+STATUSES = ("succeeded", "partial", "failed")
+OUTCOMES = ("sent", "failed", "skipped")
+# Runs take from seconds (nothing changed) to an hour (a first sync of millions).
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+
+
+class Metrics:
+    """The daemon's metrics, fed by the job body after every tick."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter("reconciler_runs", "Runs finished, by status.", ["status"],
+                            registry=self.registry)
+        self.updates = Counter("reconciler_updates", "Updates by outcome.", ["outcome"],
+                               registry=self.registry)
+        self.lock_skips = Counter("reconciler_lock_skips",
+                                  "Ticks skipped because another run held the lock.",
+                                  registry=self.registry)
+        self.pending = Gauge("reconciler_pending_updates",
+                             "Updates not yet acknowledged, retried by the next run.",
+                             registry=self.registry)
+        self.last_success = Gauge("reconciler_last_success_timestamp_seconds",
+                                  "When the newest succeeded run finished (Unix time).",
+                                  registry=self.registry)
+        self.duration = Histogram("reconciler_run_duration_seconds", "Run wall time.",
+                                  buckets=DURATION_BUCKETS, registry=self.registry)
+        self.snapshot_users = Gauge("reconciler_snapshot_users",
+                                    "Distinct users in the newest snapshot.",
+                                    registry=self.registry)
+        for status in STATUSES:
+            self.runs.labels(status)
+        for outcome in OUTCOMES:
+            self.updates.labels(outcome)
+
+    def load(self, engine: Engine) -> None:
+        """Start the gauges from what the state database already knows."""
+        with engine.connect() as conn:
+            self.pending.set(conn.execute(select(func.count()).select_from(updates).where(
+                updates.c.status == "pending")).scalar_one())
+            last_success = conn.execute(select(func.max(sync_runs.c.finished_at)).where(
+                sync_runs.c.status == "succeeded")).scalar()
+            newest = conn.execute(select(sync_runs.c.users_seen).where(
+                sync_runs.c.status != "running", sync_runs.c.snapshot_at.is_not(None))
+                .order_by(sync_runs.c.id.desc()).limit(1)).scalar()
+        if last_success is not None:
+            self.last_success.set(last_success.timestamp())
+        if newest is not None:
+            self.snapshot_users.set(newest)
+
+    def run_finished(self, result: RunResult, seconds: float, finished_at: float) -> None:
+        """A run that returned a result (succeeded or partial)."""
+        self.runs.labels(result.status).inc()
+        self.updates.labels("sent").inc(result.sent)
+        self.updates.labels("failed").inc(result.failed)
+        self.updates.labels("skipped").inc(result.skipped)
+        self.pending.set(result.pending)
+        self.snapshot_users.set(result.users_seen)
+        self.duration.observe(seconds)
+        if result.status == "succeeded":
+            self.last_success.set(finished_at)
+
+    def run_failed(self, seconds: float) -> None:
+        """A run that raised: recorded as failed in the database, counted here."""
+        self.runs.labels("failed").inc()
+        self.duration.observe(seconds)
+
+
+def serve(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
+    """Serve /metrics on host:port in a background thread; returns a function to stop it.
+
+    Raises OSError when the address cannot be bound.
+    """
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    return stop
