@@ -1,4 +1,4 @@
-"""One sync run, end to end: lock, snapshot, diff, plan, send, record (SPEC §1, §6).
+"""One sync run, end to end: lock, snapshot, diff, plan, send, record, prune (SPEC §1, §6).
 
     sync(config, engine)          a real run; returns its RunResult
     dry_run(config, engine)       snapshot and diff only; leaves nothing durable
@@ -31,6 +31,7 @@ from .ledger import (
     close_interrupted_runs,
     commit_plan,
     count_pending,
+    mark_in_flight,
     pending_page,
     record_delivery,
     start_run,
@@ -38,14 +39,23 @@ from .ledger import (
 )
 from .lock import RunLock
 from .plan import PlanCounts, fill_plan
-from .redact import Redactor
+from .redact import for_config
+from .retention import prune_after_run
 from .schema import entry_keys
 from .sender import Delivery, Job, Sender
-from .snapshot import Snapshot, create_temp_tables, drop_temp_tables, take_snapshot
+from .snapshot import (
+    Snapshot,
+    create_temp_tables,
+    drop_temp_tables,
+    load_profile,
+    take_snapshot,
+)
 
-PAGE = 1_000
+PAGE = 200  # updates marked dispatched at a time, a little ahead of the senders
 FLUSH_EVERY = 100
 FLUSH_SECONDS = 0.25
+
+LOCK_LOST = "stopped sending: the run lock was lost (its lease could not be renewed)"
 
 Progress = Callable[[int, int], None]
 
@@ -98,15 +108,10 @@ class RunOptions:
     backoff_initial: float = 0.5
 
 
-def redactor(config: Config) -> Redactor:
-    return Redactor(webhook_url=config.destination.webhook_url,
-                    database_urls=(config.database_url, config.source_url))
-
-
 def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> RunResult:
     """Run once under the lock. Raises LockHeld (another run) or RunFailed."""
     options = options or RunOptions()
-    redact = redactor(config)
+    redact = for_config(config)
     lock = RunLock(engine)
     try:
         lock.acquire()
@@ -130,14 +135,25 @@ def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> R
                                           or snapshot.failed) else "succeeded"
             if snapshot.failed:
                 result.error = redact("; ".join(str(e) for e in snapshot.failed.values()))
+            if lock.lost.is_set():  # another run took the lock over: we stopped sending
+                result.error = "; ".join(filter(None, (result.error, LOCK_LOST)))
         except (ReconcilerError, SQLAlchemyError) as exc:
             if isinstance(exc, SQLAlchemyError):
                 exc = database_error("state", engine, exc)
             result.status, result.error = "failed", redact(str(exc))
             _finish(engine, result)
             raise RunFailed(f"run {run_id} failed: {result.error}") from None
-        _finish(engine, result)
-        return result
+        except Exception as exc:
+            # A bug, not a known failure: record the run as failed, then let it surface.
+            result.status = "failed"
+            result.error = redact(f"unexpected error: {type(exc).__name__}: {exc}")
+            _finish(engine, result)
+            raise
+        else:
+            _finish(engine, result)
+            return result
+        finally:
+            prune_after_run(engine, config.history.keep_days)
     finally:
         # If the database is gone, the lease expires and the next run takes over.
         with contextlib.suppress(SQLAlchemyError):
@@ -149,9 +165,7 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5) -> DryRunRepor
     observed_at = datetime.now(UTC)
     try:
         with engine.connect() as state:
-            snapshot = _snapshot(config, state)
-            fill_run_keys(state, snapshot.loaded, snapshot.failed, ())
-            fill_diff(state)
+            snapshot = _snapshot_and_diff(config, state, ())
             counts = fill_plan(state, observed_at, None, config.destination.custom_attributes)
             kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
             rows = state.exec_driver_sql(
@@ -187,7 +201,9 @@ def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
                          .values(active=False, retired_at=now))
 
 
-def _snapshot(config: Config, state: Connection) -> Snapshot:
+def _snapshot_and_diff(config: Config, state: Connection,
+                       resync_keys: Collection[str]) -> Snapshot:
+    """Snapshot the entries, diff them, then read the profile of the changed users."""
     create_temp_tables(state)
     source = source_engine(config.source_url)
     try:
@@ -196,7 +212,11 @@ def _snapshot(config: Config, state: Connection) -> Snapshot:
         except SQLAlchemyError as exc:
             raise database_error("source", source, exc) from None
         with conn:
-            return take_snapshot(config, conn, state)
+            snapshot = take_snapshot(config, conn, state)
+            fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys)
+            fill_diff(state)
+            load_profile(config, conn, state)
+            return snapshot
     finally:
         source.dispose()
 
@@ -206,11 +226,14 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
     """Snapshot, diff and plan; commit the plan as pending updates in one transaction."""
     observed_at = datetime.now(UTC)
     with engine.connect() as state:
-        snapshot = _snapshot(config, state)
-        fill_run_keys(state, snapshot.loaded, snapshot.failed, options.resync_keys)
-        fill_diff(state)
+        snapshot = _snapshot_and_diff(config, state, options.resync_keys)
         counts = fill_plan(state, observed_at, run_id if options.resync_keys else None,
                            config.destination.custom_attributes)
+        # End the long read transaction before writing: on SQLite, a transaction that
+        # read the main database before another connection (the lock's lease renewal)
+        # committed can never write ("database is locked", whatever the busy timeout).
+        # Only temp tables were written so far, and they outlive the commit.
+        state.commit()
         commit_plan(state, run_id, observed_at)
         result.users_seen, result.users_changed = snapshot.users_seen, counts.users
         result.entered, result.exited = counts.entered, counts.exited
@@ -230,7 +253,7 @@ def _send(config: Config, engine: Engine, run_id: int, options: RunOptions, lock
           result: RunResult) -> None:
     """Send every pending update, oldest first, recording results in small batches."""
     with engine.connect() as conn, Sender(
-            config.destination, stop=options.stop, transport=options.transport,
+            config.destination, stops=(options.stop, lock.lost), transport=options.transport,
             backoff_initial=options.backoff_initial) as sender:
         total = count_pending(conn)
         conn.commit()
@@ -239,8 +262,6 @@ def _send(config: Config, engine: Engine, run_id: int, options: RunOptions, lock
         flushed = time.monotonic()
         for delivery in sender.deliver(_jobs(conn)):
             batch.append(delivery)
-            if lock.lost.is_set():
-                options.stop.set()
             if len(batch) >= FLUSH_EVERY or time.monotonic() - flushed > FLUSH_SECONDS:
                 done += _flush(conn, run_id, batch, result)
                 flushed = time.monotonic()
@@ -254,8 +275,10 @@ def _send(config: Config, engine: Engine, run_id: int, options: RunOptions, lock
 
 
 def _jobs(conn: Connection) -> Iterator[Job]:
+    """Pending updates, oldest first, each page marked in flight before it is sent."""
     after = 0
     while page := pending_page(conn, after, PAGE):
+        mark_in_flight(conn, [update_id for update_id, _, _ in page], datetime.now(UTC))
         conn.commit()
         for update_id, message_id, body in page:
             yield Job(update_id, message_id, body)

@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 
 from .config import PROFILE_FIELDS, Config, Entry
 from .errors import SourceEntryError
-from .source import TRUE, ReadStats, read_rows, to_json
+from .source import TRUE, ReadStats, profile_fields, read_rows, trait_json
 
 TEMP_TABLES = ("snap", "profile_raw", "profile", "diff", "kept", "plan")
 
@@ -68,11 +68,11 @@ def _temp(state: Connection) -> str:
 
 
 def take_snapshot(config: Config, source: Connection, state: Connection) -> Snapshot:
-    """Run every entry's query and the profile query into the temp tables.
+    """Run every audience and trait query into `snap` (the profile comes later).
 
-    An entry whose query fails or returns unusable data is recorded in
-    `Snapshot.failed` and its rows removed: the run goes on without that key, and
-    nothing is sent or retracted for it.
+    An entry whose query returns unusable data is recorded in `Snapshot.failed` and
+    its rows removed: the run goes on without that key, and nothing is sent or
+    retracted for it. `rows_ignored` counts audience and trait rows without a user_id.
     """
     snapshot = Snapshot()
     for entry in config.entries:
@@ -86,11 +86,6 @@ def take_snapshot(config: Config, source: Connection, state: Connection) -> Snap
         else:
             snapshot.loaded.append(entry)
         snapshot.rows_ignored += stats.ignored
-    if config.profile_query:
-        stats = ReadStats()
-        _load(state, "profile_raw", ("user_id", "data"),
-              _profile_rows(source, config.profile_query, stats))
-        snapshot.rows_ignored += stats.ignored
     state.exec_driver_sql("CREATE INDEX snap_user_key ON snap (user_id, key, value)")
     for key, user_id in _trait_conflicts(state, [e.key for e in snapshot.loaded
                                                  if e.kind == "trait"]):
@@ -101,13 +96,8 @@ def take_snapshot(config: Config, source: Connection, state: Connection) -> Snap
             "return one value per user (GROUP BY user_id)")
         snapshot.loaded.remove(conflicted)
         state.exec_driver_sql(f"DELETE FROM snap WHERE key = {_param(state)}", (key,))
-    # One profile row per user, chosen deterministically: the smallest JSON text.
-    state.exec_driver_sql("CREATE TEMP TABLE profile AS SELECT user_id, MIN(data) AS data "
-                          "FROM profile_raw GROUP BY user_id")
-    state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
     if state.dialect.name == "postgresql":
         state.exec_driver_sql("ANALYZE snap")
-        state.exec_driver_sql("ANALYZE profile")
     snapshot.users_seen = state.exec_driver_sql(
         "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM snap) AS u").scalar_one()
     return snapshot
@@ -121,9 +111,10 @@ def _entry_rows(source: Connection, entry: Entry,
     else:
         for chunk in read_rows(source, entry.label, entry.query, ("user_id", "value"),
                                stats=stats):
-            # A NULL trait value means "no value": the same as no row.
-            yield [(user_id, entry.key, to_json(value)) for user_id, value in chunk
-                   if value is not None]
+            # A NULL (or blank) trait value means "no value": the same as no row.
+            rows = [(user_id, entry.key, trait_json(entry.label, user_id, value))
+                    for user_id, value in chunk]
+            yield [row for row in rows if row[2] is not None]
 
 
 class _Guard:
@@ -144,15 +135,45 @@ class _Guard:
             self.error = exc
 
 
+# Below this many changed users, profile rows of other users are dropped as they are
+# read instead of being stored; the set of ids costs ~100 bytes a user.
+FILTER_PROFILE_BELOW = 100_000
+
+
+def load_profile(config: Config, source: Connection, state: Connection) -> None:
+    """Fill `profile` with the contact fields of the users in `diff`.
+
+    The profile query runs only when some user has something to send, and only the
+    rows of those users are kept. Several rows for one user: the one whose JSON form
+    sorts first is used, so the choice does not depend on the source's row order.
+    """
+    changed = state.exec_driver_sql(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM diff) AS d").scalar_one()
+    if config.profile_query and changed:
+        wanted = None
+        if changed < FILTER_PROFILE_BELOW:
+            wanted = {row[0] for row in state.exec_driver_sql(
+                "SELECT DISTINCT user_id FROM diff")}
+        _load(state, "profile_raw", ("user_id", "data"),
+              _profile_rows(source, config.profile_query, wanted))
+    state.exec_driver_sql("CREATE TEMP TABLE profile AS SELECT user_id, MIN(data) AS data "
+                          "FROM profile_raw GROUP BY user_id")
+    state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
+    if state.dialect.name == "postgresql":
+        state.exec_driver_sql("ANALYZE profile")
+
+
 def _profile_rows(source: Connection, query: str,
-                  stats: ReadStats) -> Iterable[list[tuple[Any, ...]]]:
+                  wanted: set[str] | None) -> Iterable[list[tuple[Any, ...]]]:
     """(user_id, JSON object of the non-empty contact fields), as text."""
+    stats = ReadStats()
     for chunk in read_rows(source, "[profile]", query, ("user_id",), PROFILE_FIELDS, stats):
         fields = stats.columns[1:]
         rows = []
         for user_id, *values in chunk:
-            data = {name: str(value) for name, value in zip(fields, values, strict=True)
-                    if value is not None and str(value).strip()}
+            if wanted is not None and user_id not in wanted:
+                continue
+            data = profile_fields(user_id, fields, values)
             rows.append((user_id, json.dumps(data, sort_keys=True, ensure_ascii=False)))
         yield rows
 
