@@ -1,0 +1,32 @@
+"""Run one command; write its wall time, peak RSS and exit status to a JSON file.
+
+Usage: ``python -I -S bench/_measure.py RESULT_FILE COMMAND [ARGS...]``
+
+Why a wrapper: Linux carries a process's peak RSS across ``exec`` (``signal->maxrss``
+takes the pre-exec high-water mark), so a command spawned straight from the harness,
+which grows to hold bodies and results, reports at least the harness's RSS. Spawned
+from this small interpreter (stdlib only, no ``site``), the command's ``ru_maxrss`` is
+its own, or this wrapper's ~10 MB if that were larger. Exits with the command's status.
+"""
+
+import os
+import sys
+import time
+
+
+def main() -> int:
+    """Spawn the command, reap it with ``wait4``, record what it cost."""
+    result, argv = sys.argv[1], sys.argv[2:]
+    start = time.perf_counter()
+    pid = os.posix_spawnp(argv[0], argv, os.environ)
+    _, status, usage = os.wait4(pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    with open(result, "w") as out:
+        out.write(f'{{"seconds": {seconds!r}, "maxrss_kb": {usage.ru_maxrss}, '
+                  f'"returncode": {code}}}')
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

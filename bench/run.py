@@ -1,0 +1,311 @@
+"""Benchmark harness for reconciler: prints a table, then one JSON line.
+
+    .venv/bin/python bench/run.py                       # everything, 1,000,000 users
+    .venv/bin/python bench/run.py --users 20000 --runs 1 --backend sqlite --only dry
+
+Sections (``--only``; default all, in this order), each on every ``--backend``:
+
+``dry``   (a) ``sync --dry-run`` against an empty state, (b) a no-change ``sync`` after
+          everything was acknowledged, (c) a ``sync`` after 1 % of memberships changed,
+          with peak RSS, each as a ratio to the floor (``floor.py``);
+``send``  initial ``sync`` of 20,000 users, unpaced at concurrency 20, against the faster
+          of two raw httpx senders posting the same bodies;
+``pace``  ``sync`` at 200 requests/s for 30 s: achieved rate, most requests in 1 s;
+``scale`` (a) at N/10, 3N/10 and N users: slope, linearity, RSS growth.
+
+Every figure is the median of ``--runs`` rounds; each round runs the baseline and the CLI
+back to back. The CLI is driven as a user drives it (SPEC §4); without it, only the
+floors and the raw senders are measured. Generated data and state files go to ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from _common import DEFAULT_WORKDIR, Measured, cli_available, linear_fit, median
+from _harness import (
+    Bench,
+    Floor,
+    cli_session,
+    count_note,
+    floor_figure,
+    fresh_state,
+    log,
+    median_seconds,
+    peak_rss,
+    raw_send,
+)
+from _report import Figure, json_line, table
+from gen_source import ensure_source, flip_memberships
+from receiver import Receiver
+
+BACKENDS = ("sqlite", "postgresql")
+SECTIONS = ("dry", "send", "pace", "scale")
+RATIO_TARGET = 1.5
+RSS_LIMIT_MB = 150.0
+RSS_FLAT = 1.2  # "flat": peak RSS at N at most 20 % above peak RSS at N/10
+SEND_TARGET = 0.8
+PACE_TARGET = 0.98
+
+
+def ratio_figure(name: str, backend: str, users: int, runs: Sequence[Measured],
+                 floor: float) -> Figure:
+    """A row comparing the CLI's median with its floor against the 1.5x target."""
+    seconds = median_seconds(runs)
+    return Figure(name, backend, users, seconds, "s", floor, seconds / floor,
+                  f"<= {RATIO_TARGET}x", seconds / floor <= RATIO_TARGET, peak_rss(runs),
+                  {"runs": [round(m.seconds, 3) for m in runs]})
+
+
+def dry_run_a(b: Bench, backend: str, users: int) -> tuple[dict[str, Any], list[Measured]]:
+    """Floor (a) and the CLI's (a) at ``users`` users, measured once per harness run."""
+    if (backend, users) in b.cache:
+        cached: tuple[dict[str, Any], list[Measured]] = b.cache[(backend, users)]
+        return cached
+    source = ensure_source(b.workdir, users)
+    runs: list[Measured] = []
+    with ExitStack() as stack:
+        floor = Floor(backend, source, stack.enter_context(
+            fresh_state(backend, b.workdir, "floor")))
+        cli = stack.enter_context(cli_session(b, backend, source, "dry", users))
+        for _ in range(b.runs):
+            floor.measure()
+            run = cli("sync", "--dry-run")
+            runs += [run] if run else []
+    floor_a = floor.take()
+    b.add(floor_figure("(a) snapshot + diff vs empty", backend, users, floor_a))
+    if runs:
+        b.add(ratio_figure("(a) initial sync --dry-run", backend, users, runs, floor_a["best"]))
+    b.cache[(backend, users)] = (floor_a, runs)
+    return floor_a, runs
+
+
+def section_dry(b: Bench, backend: str) -> None:
+    """(a), (b), (c) and their peak RSS, each against the floor."""
+    users: int = b.args.users
+    _, runs_a = dry_run_a(b, backend, users)
+    source = ensure_source(b.workdir, users)
+    runs_b: list[Measured] = []
+    runs_c: list[Measured] = []
+    sent_b: list[int] = []
+    sent_c: list[int] = []
+    bodies: list[str] = []
+    flips = 0
+    with ExitStack() as stack:
+        floor = Floor(backend, source, stack.enter_context(
+            fresh_state(backend, b.workdir, "floor")))
+        floor.setup_run()
+        floor.ack()
+        cli = stack.enter_context(cli_session(b, backend, source, "dry", users))
+        b.receiver.reset()
+        setup = cli("sync")
+        if setup:
+            stats = b.receiver.stats()
+            b.add(Figure("setup: initial sync, all sent", backend, users, setup.seconds, "s",
+                         rss_mb=setup.peak_rss_mb, extra={"receiver": stats},
+                         note=count_note(stats["count"], users)))
+        for _ in range(b.runs):  # (b)
+            floor.measure()
+            b.receiver.reset()
+            if run := cli("sync"):
+                runs_b.append(run)
+                sent_b.append(b.receiver.stats()["count"])
+        floor_b = floor.take()
+        try:
+            for _ in range(b.runs):  # (c): each toggle is a 1 % change against the last ack
+                flip_memberships(source)
+                flips += 1
+                floor.measure()
+                floor.ack()
+                b.receiver.reset(keep_bodies=True)
+                if run := cli("sync"):
+                    runs_c.append(run)
+                    sent_c.append(b.receiver.stats()["count"])
+                    bodies = b.receiver.bodies()
+        finally:
+            if flips % 2:
+                flip_memberships(source)
+        floor_c = floor.take()
+    b.add(floor_figure("(b) snapshot + diff, no change", backend, users, floor_b))
+    b.add(floor_figure("(c) snapshot + diff, 1 % changed", backend, users, floor_c))
+    if runs_b:
+        row = ratio_figure("(b) no-change sync", backend, users, runs_b, floor_b["best"])
+        row.note = "; ".join(filter(None, (count_note(n, 0) for n in sent_b)))
+        b.add(row)
+    if runs_c:
+        b.add(_changed_figure(b, backend, users, runs_c, floor_c, sent_c, bodies))
+    if runs_a or runs_b or runs_c:
+        peak = peak_rss(runs_a + runs_b + runs_c)
+        b.add(Figure("peak RSS of (a) (b) (c)", backend, users, peak, "MB",
+                     target=f"<= {RSS_LIMIT_MB:.0f} MB", ok=peak <= RSS_LIMIT_MB))
+
+
+def _changed_figure(b: Bench, backend: str, users: int, runs: list[Measured],
+                    floor: dict[str, Any], sent: list[int], bodies: list[str]) -> Figure:
+    """(c) against its floor plus "its sends": the faster raw sender posting its bodies."""
+    path = b.workdir / "changed-bodies.json"
+    path.write_text(json.dumps(bodies))
+    sends = min(float(raw_send(b, mode, ["--bodies", str(path)])["seconds"])
+                for mode in ("sequential", "async"))
+    row = ratio_figure("(c) sync after 1 % changed", backend, users, runs, floor["best"])
+    assert row.value is not None
+    row.baseline = floor["best"] + sends
+    row.ratio = (row.value - sends) / floor["best"]
+    row.target = f"<= {RATIO_TARGET}x floor + sends"
+    row.ok = row.ratio <= RATIO_TARGET
+    row.extra |= {"sends_seconds": sends, "requests": sent}
+    expected = floor["counts"].get("users_changed", -1)
+    row.note = "; ".join(filter(None, (count_note(n, expected) for n in sent)))
+    return row
+
+
+def section_send(b: Bench, backend: str) -> None:
+    """Initial sync of ``--send-users`` users, unpaced at concurrency 20, against raw httpx."""
+    users: int = b.args.send_users
+    source = ensure_source(b.workdir, users)
+    bodies_path = b.workdir / "send-bodies.json"
+    bodies_args = ["--synthetic", str(users)]
+    runs: list[Measured] = []
+    rates: list[float] = []
+    notes: list[str] = []
+    raw: dict[str, list[dict[str, Any]]] = {"sequential": [], "async": []}
+    for i in range(b.runs):
+        with cli_session(b, backend, source, "send", users) as cli:
+            b.receiver.reset(keep_bodies=i == 0)
+            if run := cli("sync"):
+                stats = b.receiver.stats()
+                runs.append(run)
+                rates.append(stats["rate"])
+                notes.append(count_note(stats["count"], users))
+                if i == 0:
+                    bodies_path.write_text(json.dumps(b.receiver.bodies()))
+                    bodies_args = ["--bodies", str(bodies_path)]
+        for mode, results in raw.items():
+            results.append(raw_send(b, mode, bodies_args))
+    best = 0.0
+    for results in raw.values():
+        rate = median([r["receiver"]["rate"] for r in results])
+        best = max(best, rate)
+        b.add(Figure(f"raw httpx {results[0]['mode']} send rate", backend, users, rate, "req/s",
+                     extra={"seconds": [r["seconds"] for r in results],
+                            "bodies": bodies_args[0].lstrip("-")}))
+    if runs:
+        rate = median(rates)
+        b.add(Figure("send rate, unpaced, concurrency 20", backend, users, rate, "req/s", best,
+                     rate / best, f">= {SEND_TARGET}x raw", rate / best >= SEND_TARGET,
+                     peak_rss(runs), {"rates": rates, "sync_seconds": [m.seconds for m in runs]},
+                     "; ".join(filter(None, notes))))
+
+
+def section_pace(b: Bench, backend: str) -> None:
+    """A paced sync at ``--pace-rps`` for ``--pace-seconds``: achieved rate and 1-s maximum."""
+    if not b.cli_ok:
+        log("    skipped: the paced run needs the reconciler CLI")
+        return
+    rps, seconds = b.args.pace_rps, b.args.pace_seconds
+    users = rps * seconds
+    source = ensure_source(b.workdir, users)
+    with cli_session(b, backend, source, "pace", users, rps=rps, concurrency=20) as cli:
+        b.receiver.reset(sent_at=True)
+        run = cli("sync")
+        stats = b.receiver.stats()
+    if run is None:
+        return
+    b.add(Figure(f"paced {rps}/s: achieved rate", backend, users, stats["rate"], "req/s", rps,
+                 stats["rate"] / rps, f">= {PACE_TARGET:.0%} of rate",
+                 stats["rate"] >= PACE_TARGET * rps, run.peak_rss_mb,
+                 {"receiver": stats, "sync_seconds": run.seconds},
+                 count_note(stats["count"], users)))
+    for clock, key in (("arrival", "max_per_second"), ("sent_at", "sent_at_max_per_second")):
+        most = stats[key]
+        b.add(Figure(f"paced {rps}/s: most in any 1 s ({clock})", backend, users, most, "req",
+                     rps, most / rps, f"<= {rps}", most <= rps))
+
+
+def section_scale(b: Bench, backend: str) -> None:
+    """(a) at N/10, 3N/10 and N: least-squares slope, R², and how peak RSS grows."""
+    sizes = sorted({max(1000, b.args.users // 10), max(1000, b.args.users * 3 // 10),
+                    b.args.users})
+    if len(sizes) < 3:
+        log("    skipped: --users must be at least 10,000 for three distinct sizes")
+        return
+    points = [dry_run_a(b, backend, n) for n in sizes]
+    series = {"floor (a)": [floor["best"] for floor, _ in points]}
+    if all(runs for _, runs in points):
+        series["(a) sync --dry-run"] = [median_seconds(runs) for _, runs in points]
+    for name, ys in series.items():
+        slope, intercept, r2 = linear_fit([float(n) for n in sizes], ys)
+        b.add(Figure(f"scale {name}: seconds per 1M users", backend, sizes[-1], slope * 1e6, "s",
+                     target="linear: R² >= 0.99", ok=r2 >= 0.99,
+                     extra={"intercept_s": intercept, "r2": r2, "sizes": sizes, "seconds": ys},
+                     note=f"R² {r2:.4f}, intercept {intercept:.2f} s"))
+    if "(a) sync --dry-run" in series:
+        rss = [peak_rss(runs) for _, runs in points]
+        b.add(Figure("scale (a): peak RSS growth", backend, sizes[-1], rss[-1] / rss[0], "x",
+                     target=f"<= {RSS_FLAT}x", ok=rss[-1] / rss[0] <= RSS_FLAT,
+                     extra={"sizes": sizes, "rss_mb": rss},
+                     note=" / ".join(f"{n:,}: {r:.0f} MB"
+                                     for n, r in zip(sizes, rss, strict=True))))
+
+
+SECTION_FUNCS: dict[str, Callable[[Bench, str], None]] = {
+    "dry": section_dry, "send": section_send, "pace": section_pace, "scale": section_scale}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The harness's options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=3, help="rounds per figure (median)")
+    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this section (repeatable)")
+    parser.add_argument("--send-users", type=int, default=20_000)
+    parser.add_argument("--pace-rps", type=int, default=200)
+    parser.add_argument("--pace-seconds", type=int, default=30)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.users < 1000:
+        parser.error("--runs must be at least 1 and --users at least 1000")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen sections; print the table and the JSON line. Exit 1 if a step failed."""
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    backends = BACKENDS if args.backend == "both" else (args.backend,)
+    cli_ok, reason = cli_available()
+    if not cli_ok:
+        log(f"NOTE: the reconciler CLI is not available ({reason}); "
+            "measuring only the floors and the raw senders.")
+    with Receiver() as receiver:
+        b = Bench(args, receiver, cli_ok)
+        log(f"receiver on {receiver.base}; workdir {args.workdir}")
+        for section in args.only or SECTIONS:
+            for backend in backends:
+                log(f"[{section} / {backend}]")
+                try:
+                    SECTION_FUNCS[section](b, backend)
+                except Exception as exc:  # a failed step must not hide the other sections
+                    b.errors.append(f"{section}/{backend}: {type(exc).__name__}: {exc}")
+                    log(traceback.format_exc())
+    print(table(b.figures))
+    if not cli_ok:
+        print(f"\nreconciler CLI not available: {reason}")
+    for error in b.errors:
+        print(f"\nERROR {error}")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    print(json_line(b.figures, settings | {"cli": cli_ok}, b.errors))
+    return 1 if b.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
