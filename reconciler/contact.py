@@ -7,6 +7,7 @@ same message id, timestamp and contact fields.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,10 @@ def iso_millis(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+# Every update of a run shares its snapshot time: format it once, not per user.
+_run_timestamp = functools.lru_cache(maxsize=4)(iso_millis)
+
+
 @dataclass(frozen=True)
 class Contact:
     """A planned body: `text` is the JSON without `sent_at`; `skip` says why not to send."""
@@ -52,7 +57,7 @@ def build_contact(message_id: str, observed_at: datetime, user_id: str | None,
     body: dict[str, Any] = {
         "type": ACTION_TYPE,
         "message_id": message_id,
-        "timestamp": iso_millis(observed_at),
+        "timestamp": _run_timestamp(observed_at),
     }
     note = None
     if _present(user_id):

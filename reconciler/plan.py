@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import groupby
@@ -49,9 +50,23 @@ class PlanCounts:
     skipped: int = 0
 
 
+def count_diff(state: Connection) -> PlanCounts:
+    """What `fill_plan` would count, from `diff` in SQL, skips aside (none can occur
+    with custom attributes: every body carries its changed keys)."""
+    users, entered, exited, traits = state.exec_driver_sql(f"""
+        SELECT COUNT(DISTINCT user_id),
+               SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN kind = 'audience' AND new_value <> '{TRUE}' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
+        FROM diff""").one()
+    return PlanCounts(users=users, entered=entered or 0, exited=exited or 0,
+                      traits_changed=traits or 0)
+
+
 def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | None,
-              custom_attributes: bool) -> PlanCounts:
-    """Write `plan` from `diff`; return what it holds."""
+              custom_attributes: bool, max_users: int | None = None) -> PlanCounts:
+    """Write `plan` from `diff` (its first `max_users` users by id, if given); return
+    what it holds."""
     counts = PlanCounts()
     mark = "?" if state.dialect.name == "sqlite" else "%s"
     insert = f"INSERT INTO plan VALUES ({', '.join([mark] * 8)})"
@@ -59,31 +74,34 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     # machinery would cost more than the work itself.
     writer = state.connection.cursor()
     batch: list[tuple[Any, ...]] = []
-    for seq, (user_id, rows) in enumerate(_changed_users(state), 1):
-        version = rows[0][4] or 0
-        forced = any(row[3] for row in rows)
-        resync = resync_run_id if forced else None
-        changed = [(row[0], row[2]) for row in rows]
-        mid = message_id(user_id, version, resync, changed)
-        profile = json.loads(rows[0][5]) if rows[0][5] else {}
-        contact = build_contact(mid, observed_at, user_id, profile,
-                                [(key, json.loads(value)) for key, value in changed],
-                                custom_attributes)
-        note = "; ".join(n for n in (contact.skip, contact.note) if n) or None
-        batch.append((seq, user_id, mid, version, resync, contact.text,
-                      "skipped" if contact.skip else "pending", note))
-        counts.users += 1
-        counts.skipped += contact.skip is not None
-        for _key, kind, value, _forced, _version, _profile in rows:
-            if kind == "trait":
-                counts.traits_changed += 1
-            elif value == TRUE:
-                counts.entered += 1
-            else:
-                counts.exited += 1
-        if len(batch) >= BATCH:
-            writer.executemany(insert, batch)
-            batch = []
+    with closing(_changed_users(state)) as changed_users:
+        for seq, (user_id, rows) in enumerate(changed_users, 1):
+            if max_users is not None and seq > max_users:
+                break
+            version = rows[0][4] or 0
+            forced = any(row[3] for row in rows)
+            resync = resync_run_id if forced else None
+            changed = [(row[0], row[2]) for row in rows]
+            mid = message_id(user_id, version, resync, changed)
+            profile = json.loads(rows[0][5]) if rows[0][5] else {}
+            contact = build_contact(mid, observed_at, user_id, profile,
+                                    [(key, json.loads(value)) for key, value in changed],
+                                    custom_attributes)
+            note = "; ".join(n for n in (contact.skip, contact.note) if n) or None
+            batch.append((seq, user_id, mid, version, resync, contact.text,
+                          "skipped" if contact.skip else "pending", note))
+            counts.users += 1
+            counts.skipped += contact.skip is not None
+            for _key, kind, value, _forced, _version, _profile in rows:
+                if kind == "trait":
+                    counts.traits_changed += 1
+                elif value == TRUE:
+                    counts.entered += 1
+                else:
+                    counts.exited += 1
+            if len(batch) >= BATCH:
+                writer.executemany(insert, batch)
+                batch = []
     if batch:
         writer.executemany(insert, batch)
     writer.close()
@@ -92,7 +110,7 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     return counts
 
 
-def _changed_users(state: Connection) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+def _changed_users(state: Connection) -> Generator[tuple[str, list[tuple[Any, ...]]]]:
     """(user_id, [(key, kind, new_value, forced, version, profile), ...]) by user."""
     raw = state.connection.driver_connection
     assert raw is not None

@@ -33,12 +33,12 @@ from .ledger import (
     count_pending,
     mark_in_flight,
     pending_page,
-    record_delivery,
+    record_deliveries,
     start_run,
     update_run,
 )
 from .lock import RunLock
-from .plan import PlanCounts, fill_plan
+from .plan import PlanCounts, count_diff, fill_plan
 from .redact import for_config
 from .retention import prune_after_run
 from .schema import entry_keys
@@ -165,8 +165,14 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5) -> DryRunRepor
     observed_at = datetime.now(UTC)
     try:
         with engine.connect() as state:
-            snapshot = _snapshot_and_diff(config, state, ())
-            counts = fill_plan(state, observed_at, None, config.destination.custom_attributes)
+            # With custom attributes no body can be skipped (each carries its changed
+            # keys), so the counts come from the diff in SQL and only the sample is
+            # built; without them, every body is built to count the skips.
+            fast = config.destination.custom_attributes
+            snapshot = _snapshot_and_diff(config, state, (), sample_size if fast else None)
+            planned = fill_plan(state, observed_at, None, config.destination.custom_attributes,
+                                max_users=sample_size if fast else None)
+            counts = count_diff(state) if fast else planned
             kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
             rows = state.exec_driver_sql(
                 "SELECT body, status, note FROM plan ORDER BY seq LIMIT "
@@ -201,8 +207,8 @@ def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
                          .values(active=False, retired_at=now))
 
 
-def _snapshot_and_diff(config: Config, state: Connection,
-                       resync_keys: Collection[str]) -> Snapshot:
+def _snapshot_and_diff(config: Config, state: Connection, resync_keys: Collection[str],
+                       profile_users: int | None = None) -> Snapshot:
     """Snapshot the entries, diff them, then read the profile of the changed users."""
     create_temp_tables(state)
     source = source_engine(config.source_url)
@@ -215,7 +221,7 @@ def _snapshot_and_diff(config: Config, state: Connection,
             snapshot = take_snapshot(config, conn, state)
             fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys)
             fill_diff(state)
-            load_profile(config, conn, state)
+            load_profile(config, conn, state, profile_users)
             return snapshot
     finally:
         source.dispose()
@@ -289,10 +295,9 @@ def _flush(conn: Connection, run_id: int, batch: list[Delivery], result: RunResu
     """Record a batch of deliveries in one transaction; acknowledgements move with them."""
     if not batch:
         return 0
-    now = datetime.now(UTC)
+    record_deliveries(conn, run_id, [(d.job.update_id, d.result, d.attempts) for d in batch],
+                      datetime.now(UTC))
     for delivery in batch:
-        record_delivery(conn, run_id, delivery.job.update_id, delivery.result,
-                        delivery.attempts, now)
         if delivery.result == "acknowledged":
             result.sent += 1
         elif delivery.attempts:

@@ -140,20 +140,24 @@ class _Guard:
 FILTER_PROFILE_BELOW = 100_000
 
 
-def load_profile(config: Config, source: Connection, state: Connection) -> None:
+def load_profile(config: Config, source: Connection, state: Connection,
+                 first_users: int | None = None) -> None:
     """Fill `profile` with the contact fields of the users in `diff`.
 
     The profile query runs only when some user has something to send, and only the
-    rows of those users are kept. Several rows for one user: the one whose JSON form
-    sorts first is used, so the choice does not depend on the source's row order.
+    rows of those users are kept (with `first_users`, of the first users by id only:
+    a dry run's sample). Several rows for one user: the one whose JSON form sorts
+    first is used, so the choice does not depend on the source's row order.
     """
+    users = "SELECT DISTINCT user_id FROM diff"
+    if first_users is not None:
+        users = f"{users} ORDER BY user_id LIMIT {int(first_users)}"
     changed = state.exec_driver_sql(
-        "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM diff) AS d").scalar_one()
+        f"SELECT COUNT(*) FROM ({users}) AS d").scalar_one()
     if config.profile_query and changed:
         wanted = None
         if changed < FILTER_PROFILE_BELOW:
-            wanted = {row[0] for row in state.exec_driver_sql(
-                "SELECT DISTINCT user_id FROM diff")}
+            wanted = {row[0] for row in state.exec_driver_sql(users)}
         _load(state, "profile_raw", ("user_id", "data"),
               _profile_rows(source, config.profile_query, wanted))
     state.exec_driver_sql("CREATE TEMP TABLE profile AS SELECT user_id, MIN(data) AS data "
