@@ -69,3 +69,12 @@ webhook_url = "https://hooks.example.com/x"
     engine = state_engine(f"sqlite:///{tmp_path / 'state.db'}")
     assert "sync_runs" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_head_revision_constant_matches_the_migration_scripts():
+    """`migrate` skips Alembic when the database is at HEAD_REVISION: it must be the head."""
+    from alembic.script import ScriptDirectory
+
+    from reconciler.db import HEAD_REVISION
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
