@@ -167,13 +167,14 @@ def read_rows(connection: Connection, entry_label: str, query: str,
         driver_error = connection.dialect.loaded_dbapi.Error
         try:
             for rows in _chunks(result, connection.dialect.name):
-                chunk = []
+                chunk: list[Any] = []  # tuples (DBAPI) or Rows (SQLAlchemy streaming)
                 for values in pick(rows):
                     user_id = user_id_text(values[0])
                     if user_id is None:
                         stats.ignored += 1
                         continue
-                    chunk.append((user_id, *values[1:]))
+                    # The row as it came, unless its user id had to become text.
+                    chunk.append(values if user_id is values[0] else (user_id, *values[1:]))
                 stats.rows += len(chunk)
                 yield chunk
         except Unrepresentable as exc:
