@@ -29,6 +29,7 @@ from .config import Config, config_path, load_config
 from .daemon import require_schedule, run_daemon
 from .db import database_error, migrate, state_engine
 from .errors import ReconcilerError, UsageError
+from .guard import proceed_command, resolve_accepted
 from .redact import Redactor, for_config, install_log_redaction
 from .retention import prune_now
 from .run import DryRunReport, RunOptions, RunResult, dry_run, sync
@@ -38,6 +39,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 config_option = click.option(
     "--config", "config_file", metavar="PATH",
     help="Config file (default: $RECONCILER_CONFIG, else ./reconciler.toml).")
+accept_exits_option = click.option(
+    "--accept-exits", "accept_exits", metavar="KEY", multiple=True,
+    help="Let this audience's exits through the safety guard, for this run only "
+         "(repeatable; 'all' for every audience).")
 
 
 def _handle_errors(command: F) -> F:
@@ -107,21 +112,25 @@ def migrate_command(config_file: str | None) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Snapshot and diff, print what would be sent; send and keep nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@accept_exits_option
 @_handle_errors
-def sync_command(config_file: str | None, dry_run: bool, as_json: bool) -> None:
+def sync_command(config_file: str | None, dry_run: bool, as_json: bool,
+                 accept_exits: tuple[str, ...]) -> None:
     """Run one sync now: snapshot, diff, send, record."""
-    config, engine = _setup(config_file)
+    config, engine = _setup(config_file, check=lambda c: resolve_accepted(c, accept_exits))
+    accepted = resolve_accepted(config, accept_exits)
     if dry_run:
-        report = _dry_run(config, engine)
+        report = _dry_run(config, engine, accepted)
         _print_dry_run(report, as_json)
         sys.exit(report.exit_status)
-    result = _run(config, engine, RunOptions(trigger="manual"), as_json)
+    result = _run(config, engine, RunOptions(trigger="manual", accept_exits=accepted),
+                  as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
 
 
-def _dry_run(config: Config, engine: Engine) -> DryRunReport:
-    return dry_run(config, engine)
+def _dry_run(config: Config, engine: Engine, accepted: frozenset[str]) -> DryRunReport:
+    return dry_run(config, engine, accept_exits=accepted)
 
 
 @main.command("resync")
@@ -129,12 +138,18 @@ def _dry_run(config: Config, engine: Engine) -> DryRunReport:
 @click.option("--audience", "key", metavar="KEY",
               help="Resync only this key (default: every configured key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@accept_exits_option
 @_handle_errors
-def resync_command(config_file: str | None, key: str | None, as_json: bool) -> None:
+def resync_command(config_file: str | None, key: str | None, as_json: bool,
+                   accept_exits: tuple[str, ...]) -> None:
     """Send every user's current value for every key (or one key), acknowledged or not."""
-    config, engine = _setup(config_file, check=lambda c: _resync_keys(c, key))
+    def check(config: Config) -> None:
+        _resync_keys(config, key)
+        resolve_accepted(config, accept_exits)
+    config, engine = _setup(config_file, check=check)
     options = RunOptions(trigger="full_resync", resync_keys=_resync_keys(config, key),
-                         resync_label=key or "*")
+                         resync_label=key or "*",
+                         accept_exits=resolve_accepted(config, accept_exits))
     result = _run(config, engine, options, as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
@@ -278,9 +293,13 @@ def _read(engine: Engine, query: Callable[[Any], Any]) -> Any:
 
 
 def _print_result(result: RunResult, as_json: bool) -> None:
-    fields = {k: v for k, v in vars(result).items()}
     if as_json:
-        _print_json(fields)
+        _print_json(result.as_dict())
+        return
+    if result.status == "halted":
+        click.echo(f"run {result.run_id} halted: {result.users_seen} users seen; nothing "
+                   f"sent or kept ({result.pending} earlier updates stay pending); "
+                   f"error: {result.error}")
         return
     click.echo(
         f"run {result.run_id} {result.status}: {result.users_seen} users seen, "
@@ -297,7 +316,8 @@ def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
             "entered": report.counts.entered, "exited": report.counts.exited,
             "traits_changed": report.counts.traits_changed, "skipped": report.counts.skipped,
             "still_pending": report.kept, "rows_ignored": report.rows_ignored,
-            "failed_entries": report.failed_entries, "sample": report.sample}
+            "failed_entries": report.failed_entries, "sample": report.sample,
+            "guard": report.guard.as_dict()}
     if as_json:
         _print_json(data)
         return
@@ -308,6 +328,11 @@ def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
                "waiting for a change)")
     for key, error in report.failed_entries.items():
         click.echo(f"  entry {key} failed: {error}")
+    if report.guard.halted:
+        click.echo(f"a real run would halt and send nothing: "
+                   f"{report.guard.explanation(proceed_command('manual', None))}")
+    for trip in report.guard.accepted:
+        click.echo(f"accepted by --accept-exits: {trip.describe()}")
     for item in report.sample:
         click.echo(f"  {item['status']}: {json.dumps(item['body'], ensure_ascii=False)}")
 

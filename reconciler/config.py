@@ -79,6 +79,15 @@ class History:
 
 
 @dataclass(frozen=True)
+class Safety:
+    """`[safety]` (SPEC §10): a run halts when an audience of at least `min_members`
+    acknowledged members would lose more than `max_exit_share` of them; 1 = off."""
+
+    max_exit_share: float = 0.5
+    min_members: int = 100
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     database_url: str
@@ -89,6 +98,7 @@ class Config:
     schedule: Schedule | None = None
     daemon: Daemon = field(default_factory=Daemon)
     history: History = field(default_factory=History)
+    safety: Safety = field(default_factory=Safety)
 
     @property
     def audiences(self) -> tuple[Entry, ...]:
@@ -133,7 +143,7 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
 
 
 _TOP = ("database", "source", "destination", "schedule", "profile", "audiences", "traits",
-        "daemon", "history")
+        "daemon", "history", "safety")
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "database": ("url",),
     "source": ("url",),
@@ -146,6 +156,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "traits": ("name", "key", "query"),
     "daemon": ("metrics_port", "metrics_host"),
     "history": ("keep_days",),
+    "safety": ("max_exit_share", "min_members"),
 }
 # Keys people reach for to switch TLS verification off; it cannot be.
 _TLS_KEYS = ("verify", "verify_tls", "verify_ssl", "tls_verify", "ssl_verify", "insecure",
@@ -288,6 +299,7 @@ class _Reader:
             schedule=self.schedule(raw),
             daemon=self.daemon(raw),
             history=self.history(raw),
+            safety=self.safety(raw),
         )
 
     def destination(self, raw: Mapping[str, Any], env: Mapping[str, str]) -> Destination:
@@ -397,6 +409,25 @@ class _Reader:
         table = self.table(raw, "history") or {}
         return History(keep_days=self.number(table, "keep_days", "[history]", 90, 1,
                                              integer=True))
+
+
+    def safety(self, raw: Mapping[str, Any]) -> Safety:
+        table = self.table(raw, "safety") or {}
+        entry, defaults = "[safety]", Safety()
+        share = table.get("max_exit_share", defaults.max_exit_share)
+        if isinstance(share, bool) or not isinstance(share, int | float):
+            raise self.fail(f"{entry} max_exit_share",
+                            f"must be a number, got {_describe(share)}",
+                            "write it like max_exit_share = 0.5")
+        # The lower bound is exclusive, which `number` cannot say.
+        if not math.isfinite(share) or not 0 < share <= 1:
+            raise self.fail(f"{entry} max_exit_share", f"is {share}",
+                            "use a share above 0 and at most 1, e.g. 0.5 (a run halts when "
+                            "an audience would lose more than that share; 1 turns the guard "
+                            "off)")
+        members = self.number(table, "min_members", entry, defaults.min_members, 1,
+                              integer=True)
+        return Safety(max_exit_share=float(share), min_members=members)
 
 
 def _check_driver(url: URL, fail: Any, origin: str) -> None:

@@ -5,7 +5,10 @@ ticks collapse into one run), `max_instances=1` (a tick that comes while the run
 still going is dropped), an explicit misfire grace. The job body is `run_once`, a
 plain function that never raises: a tick that finds the lock held logs one line and
 is skipped; a run that fails or crashes is recorded and logged, and the next tick
-runs as usual.
+runs as usual. The daemon never accepts exits on its own: a run the safety guard
+halts (SPEC §10) logs one error line and sets `reconciler_halted_audiences`, and so
+does every tick after it until the source is fixed or a person runs
+`reconciler sync --accept-exits KEY`.
 
 A stop signal sets the run's stop event: no new request is sent, requests in flight
 finish and are recorded, everything else stays pending for the next run. The
@@ -127,11 +130,16 @@ def _log_run(result: RunResult, trigger: str, seconds: float) -> None:
                f"(entered {result.entered}, exited {result.exited}, traits "
                f"{result.traits_changed}); sent {result.sent}, failed {result.failed}, "
                f"skipped {result.skipped}, pending {result.pending}")
+    if result.status == "halted":
+        message = (f"run {result.run_id} halted in {seconds:.1f}s: {result.users_seen} "
+                   f"users seen; nothing sent or kept ({result.pending} earlier updates "
+                   "stay pending)")
     if result.error:
         message += f"; error: {result.error}"
     fields = {"event": "run", "trigger": trigger, "duration_seconds": round(seconds, 3),
-              **vars(result)}
-    level = logging.INFO if result.status == "succeeded" else logging.WARNING
+              **result.as_dict()}
+    level = {"succeeded": logging.INFO, "halted": logging.ERROR}.get(result.status,
+                                                                     logging.WARNING)
     log.log(level, "%s", message, extra={"fields": fields})
 
 

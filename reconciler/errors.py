@@ -4,12 +4,19 @@
     ├── ConfigError (2)             a config file or option is wrong: names file, entry, fix
     ├── UsageError (2)              a command-line argument is wrong (unknown run id, key)
     ├── LockHeld (3)                another run holds the lock: names host, pid and since
+    ├── RunHalted (4)               the safety guard (SPEC §10) stopped a run before anything
+    │                               of it was kept or sent: names every audience that tripped,
+    │                               its numbers and the command that proceeds
     └── RunFailed (1)               a run could not finish; nothing was sent
         ├── DatabaseError           the state or source database is unreachable or failing,
         │                           or a query failed on it: names which database (URL
         │                           without password), the entry if any, and why
         └── SourceEntryError        one audience/trait/profile query ran but returned
                                     unusable data: names the entry and one offending user
+
+`RunHalted` never reaches the CLI from `run.sync`: the run catches it and returns its
+result with status `halted`, so the daemon and `--json` see the counts; it exists so
+the planning phase can stop the run in one place.
 
 A `SourceEntryError` for an audience or trait fails only that entry: the run goes on
 without its key and ends `partial`. Everything else ends the run (or stops it from
@@ -49,6 +56,19 @@ class LockHeld(ReconcilerError):
     """Another run holds the state database's lock."""
 
     exit_status = 3
+
+
+class RunHalted(ReconcilerError):
+    """The safety guard found an audience losing too many members; nothing was kept.
+
+    `verdict` is the guard's `Verdict` (typed loosely: errors import nothing of ours).
+    """
+
+    exit_status = 4
+
+    def __init__(self, message: str, verdict: object) -> None:
+        self.verdict = verdict
+        super().__init__(message)
 
 
 class RunFailed(ReconcilerError):

@@ -1,6 +1,7 @@
 """Prometheus metrics of the daemon, served when `[daemon] metrics_port` is set.
 
-    reconciler_runs_total{status}               runs finished: succeeded, partial, failed
+    reconciler_runs_total{status}               runs finished: succeeded, partial, failed,
+                                                halted (the safety guard, SPEC §10)
     reconciler_updates_total{outcome}           updates sent, failed (pending or rejected),
                                                 skipped (SPEC §5)
     reconciler_lock_skips_total                 ticks skipped because another run held the lock
@@ -8,6 +9,8 @@
     reconciler_last_success_timestamp_seconds   end of the newest succeeded run (Unix time)
     reconciler_run_duration_seconds             histogram of run wall time
     reconciler_snapshot_users                   distinct users in the newest snapshot
+    reconciler_halted_audiences                 audiences that halted the newest run (0 when
+                                                it was not halted): alert on > 0
 
 Counters count this process's runs. The gauges start from the state database, so a
 restarted daemon does not forget when the last success was.
@@ -24,7 +27,7 @@ from sqlalchemy import Engine, func, select
 from .run import RunResult
 from .schema import sync_runs, updates
 
-STATUSES = ("succeeded", "partial", "failed")
+STATUSES = ("succeeded", "partial", "failed", "halted")
 OUTCOMES = ("sent", "failed", "skipped")
 # Runs take from seconds (nothing changed) to an hour (a first sync of millions).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
@@ -53,6 +56,10 @@ class Metrics:
         self.snapshot_users = Gauge("reconciler_snapshot_users",
                                     "Distinct users in the newest snapshot.",
                                     registry=self.registry)
+        self.halted_audiences = Gauge(
+            "reconciler_halted_audiences",
+            "Audiences whose exits halted the newest run (safety guard); 0 if not halted.",
+            registry=self.registry)
         for status in STATUSES:
             self.runs.labels(status)
         for outcome in OUTCOMES:
@@ -74,8 +81,10 @@ class Metrics:
             self.snapshot_users.set(newest)
 
     def run_finished(self, result: RunResult, seconds: float, finished_at: float) -> None:
-        """A run that returned a result (succeeded or partial)."""
+        """A run that returned a result (succeeded, partial or halted)."""
         self.runs.labels(result.status).inc()
+        tripped = result.guard.tripped if result.guard and result.status == "halted" else ()
+        self.halted_audiences.set(len(tripped))
         self.updates.labels("sent").inc(result.sent)
         self.updates.labels("failed").inc(result.failed)
         self.updates.labels("skipped").inc(result.skipped)
@@ -88,6 +97,7 @@ class Metrics:
     def run_failed(self, seconds: float) -> None:
         """A run that raised: recorded as failed in the database, counted here."""
         self.runs.labels("failed").inc()
+        self.halted_audiences.set(0)  # no audience tripped: the run never got that far
         self.duration.observe(seconds)
 
 

@@ -3,6 +3,10 @@
     sync(config, engine)          a real run; returns its RunResult
     dry_run(config, engine)       snapshot and diff only; leaves nothing durable
 
+Between the diff and the plan's commit the safety guard (guard.py, SPEC §10) judges
+the diff; a halted run keeps nothing it planned and sends nothing, not even updates
+left pending by earlier runs, and ends with status `halted`.
+
 The planning phase ends in one transaction that makes every update durable before
 anything is sent, so a crash at any point loses nothing: the next run finds the
 pending updates and re-sends them with their original message ids.
@@ -26,7 +30,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from .config import Config
 from .db import database_error, source_engine
 from .diff import fill_diff, fill_run_keys
-from .errors import ReconcilerError, RunFailed
+from .errors import ReconcilerError, RunFailed, RunHalted
+from .guard import Verdict, audience_keys, proceed_command
+from .guard import check as check_exits
 from .ledger import (
     close_interrupted_runs,
     commit_plan,
@@ -75,10 +81,15 @@ class RunResult:
     pending: int = 0
     rows_ignored: int = 0
     error: str | None = None
+    guard: Verdict | None = None  # the safety guard's verdict, once the diff was judged
 
     @property
     def exit_status(self) -> int:
-        return 0 if self.status == "succeeded" else 1
+        return {"succeeded": 0, "halted": 4}.get(self.status, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: every count, and the guard's verdict as a dict."""
+        return {**vars(self), "guard": self.guard.as_dict() if self.guard else None}
 
 
 @dataclass
@@ -89,10 +100,12 @@ class DryRunReport:
     rows_ignored: int
     failed_entries: dict[str, str]
     sample: list[dict[str, Any]] = field(default_factory=list)
+    guard: Verdict = field(default_factory=Verdict)
 
     @property
     def exit_status(self) -> int:
-        return 1 if self.failed_entries else 0
+        """4 when a real run would halt (SPEC §4), else 1 if an entry failed, else 0."""
+        return 4 if self.guard.halted else 1 if self.failed_entries else 0
 
 
 @dataclass
@@ -106,6 +119,8 @@ class RunOptions:
     transport: httpx.BaseTransport | None = None
     progress: Progress | None = None
     backoff_initial: float = 0.5
+    # Audience keys the safety guard lets through this once (`--accept-exits`).
+    accept_exits: Collection[str] = ()
 
 
 def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> RunResult:
@@ -129,7 +144,12 @@ def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> R
             raise database_error("state", engine, exc) from None
         result = RunResult(run_id, "running")
         try:
-            snapshot = _prepare(config, engine, run_id, options, result)
+            try:
+                snapshot = _prepare(config, engine, run_id, options, result)
+            except RunHalted as halt:  # nothing of the run was kept; nothing is sent
+                result.status, result.error = "halted", redact(str(halt))
+                _finish(engine, result)
+                return result
             _send(config, engine, run_id, options, lock, result)
             result.status = "partial" if (result.failed or result.pending
                                           or snapshot.failed) else "succeeded"
@@ -160,8 +180,12 @@ def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> R
             lock.release()
 
 
-def dry_run(config: Config, engine: Engine, sample_size: int = 5) -> DryRunReport:
-    """Snapshot and diff, then roll everything back: no lock, no run row, nothing sent."""
+def dry_run(config: Config, engine: Engine, sample_size: int = 5,
+            accept_exits: Collection[str] = ()) -> DryRunReport:
+    """Snapshot and diff, then roll everything back: no lock, no run row, nothing sent.
+
+    The report carries the safety guard's verdict, as a real run would judge it.
+    """
     observed_at = datetime.now(UTC)
     try:
         with engine.connect() as state:
@@ -170,6 +194,7 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5) -> DryRunRepor
             # built; without them, every body is built to count the skips.
             fast = config.destination.custom_attributes
             snapshot = _snapshot_and_diff(config, state, (), sample_size if fast else None)
+            verdict = check_exits(state, config.safety, audience_keys(config), accept_exits)
             planned = fill_plan(state, observed_at, None, config.destination.custom_attributes,
                                 max_users=sample_size if fast else None)
             counts = count_diff(state) if fast else planned
@@ -185,7 +210,7 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5) -> DryRunRepor
     sample = [{"status": status, "note": note, "body": json.loads(body)}
               for body, status, note in rows]
     return DryRunReport(snapshot.users_seen, counts, kept, snapshot.rows_ignored,
-                        {k: str(e) for k, e in snapshot.failed.items()}, sample)
+                        {k: str(e) for k, e in snapshot.failed.items()}, sample, verdict)
 
 
 def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
@@ -233,6 +258,10 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
     observed_at = datetime.now(UTC)
     with engine.connect() as state:
         snapshot = _snapshot_and_diff(config, state, options.resync_keys)
+        result.guard = check_exits(state, config.safety, audience_keys(config),
+                                   options.accept_exits)
+        if result.guard.halted:
+            _halt(state, run_id, observed_at, snapshot, options, result)
         counts = fill_plan(state, observed_at, run_id if options.resync_keys else None,
                            config.destination.custom_attributes)
         # End the long read transaction before writing: on SQLite, a transaction that
@@ -253,6 +282,26 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
         drop_temp_tables(state)
         state.commit()
     return snapshot
+
+
+def _halt(state: Connection, run_id: int, observed_at: datetime, snapshot: Snapshot,
+          options: RunOptions, result: RunResult) -> None:
+    """Drop everything the run planned, record what it saw, and raise RunHalted."""
+    assert result.guard is not None
+    # Only temp tables were written; the rollback also ends the read transaction, so
+    # the row below can be written (see the SQLite note in `_prepare`).
+    state.rollback()
+    drop_temp_tables(state)
+    state.commit()
+    result.users_seen, result.rows_ignored = snapshot.users_seen, snapshot.rows_ignored
+    # The write first: on SQLite it takes the write lock before anything is read.
+    update_run(state, run_id, snapshot_at=observed_at, users_seen=result.users_seen,
+               rows_ignored=result.rows_ignored)
+    result.pending = count_pending(state)  # earlier updates stay pending, unsent
+    state.commit()
+    message = result.guard.message(proceed_command(options.trigger, options.resync_label))
+    failures = "; ".join(str(e) for e in snapshot.failed.values())
+    raise RunHalted("; ".join(filter(None, (message, failures))), result.guard)
 
 
 def _send(config: Config, engine: Engine, run_id: int, options: RunOptions, lock: RunLock,

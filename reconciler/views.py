@@ -29,6 +29,7 @@ from .run import Progress
 
 ROWS = 50
 STATUS_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "running": "cyan",
+                "halted": "bold red",
                 "sent": "green", "skipped": "dim", "pending": "yellow", "rejected": "red",
                 "superseded": "dim", "acknowledged": "green", "retry": "yellow",
                 "error": "red"}
@@ -104,6 +105,8 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
               f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']})")
     out.print(f"sent {run['sent']}, failed {run['failed']}, skipped {run['skipped']}, "
               f"pending after the run {run['pending']}, rows ignored {run['rows_ignored']}")
+    if run["status"] == "halted":
+        out.print("halted by the safety guard: this run kept and sent nothing")
     if run["error"]:
         out.print(Text(f"error: {run['error']}", style="red"))
     if changes:

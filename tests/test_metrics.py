@@ -19,7 +19,8 @@ from .receiver import Reply
 
 METRICS = {"reconciler_runs", "reconciler_updates", "reconciler_lock_skips",
            "reconciler_pending_updates", "reconciler_last_success_timestamp_seconds",
-           "reconciler_run_duration_seconds", "reconciler_snapshot_users"}
+           "reconciler_run_duration_seconds", "reconciler_snapshot_users",
+           "reconciler_halted_audiences"}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
