@@ -189,7 +189,7 @@ def source_query_error(engine: Engine, exc: BaseException, entry_label: str,
     first = Redactor(database_urls=(url,))(reason[0]) if reason else type(exc).__name__
     return DatabaseError(
         f"source database {mask_database_url(url)}: {entry_label}: query tried to change "
-        f"the source ({first}), and source queries are read-only; nothing was changed: "
+        f"the source, and source queries are read-only: {first}; nothing was changed; "
         "make it a SELECT that writes nothing (no INSERT, UPDATE or DELETE, no "
         "data-modifying WITH, no function that writes)")
 

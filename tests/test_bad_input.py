@@ -325,8 +325,8 @@ def test_user_query_cannot_change_a_sqlite_source(setup: Setup):
     result = sync(setup, extra=extra_entry("audiences", "Deleter", query))
     assert result.exit_code == 1
     assert ('source database sqlite:///' in result.stderr
-            and 'audience "Deleter": query tried to change the source (attempt to write a '
-                'readonly database), and source queries are read-only' in result.stderr)
+            and 'audience "Deleter": query tried to change the source, and source queries '
+                "are read-only: attempt to write a readonly database" in result.stderr)
     setup.receiver.clear()
     assert sync(setup).exit_code == 0
     assert wire(setup) == {"u1": {HV: True}}

@@ -279,7 +279,7 @@ def test_a_sqlite_query_that_writes_fails_the_run_and_changes_nothing(
     result = cli(setup, "sync")
     assert result.exit_code == 1, result.output
     line = assert_read_only_line(result, f'audience "{FIRST}"')
-    assert "attempt to write a readonly database" in line
+    assert "read-only: attempt to write a readonly database; nothing was changed" in line
     with sqlite3.connect(w.path) as check:
         assert check.execute("SELECT COUNT(*) FROM members").fetchone() == (2,)
     (run,) = runs(setup)
