@@ -171,6 +171,12 @@ def test_a_commit_made_while_a_postgresql_run_reads_is_not_seen_by_it(
                              writer_xid[0], run.source_snapshot)
             for run in (first, second)] == [False, True]
     assert first.snapshot_at <= first.finished_at
+    history = json.loads(cli(setup, "history", "--json").stdout)
+    assert [r["source_snapshot"] for r in history] == [second.source_snapshot,
+                                                       first.source_snapshot]
+    assert json.loads(cli(setup, "show", "1", "--json").stdout)["source_snapshot"] == (
+        first.source_snapshot)
+    assert f"(snapshot {first.source_snapshot})" in cli(setup, "show", "1").stdout
 
 
 WRITES = {
