@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,12 @@ def source_engine(url: str) -> Engine:
     if (engine.dialect.name == "sqlite" and path and path != ":memory:"
             and not path.startswith("file:") and parsed.query.get("uri") != "true"):
         event.listen(engine, "do_connect", _sqlite_read_only)
+    if engine.dialect.name == "sqlite":
+        # SQLAlchemy's recipe for real pysqlite transactions: the driver emits no BEGIN
+        # before a SELECT, so every query would read its own moment. We emit it, and
+        # every query of a run shares one read transaction (source_snapshot.py).
+        event.listen(engine, "connect", _sqlite_source_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -75,6 +82,16 @@ def _sqlite_read_only(_dialect: Any, _record: Any, cargs: list[Any],
     # Done at connect time so that engine.url, which messages show, stays the user's.
     cargs[0] = f"file:{quote(str(cargs[0]))}?mode=ro"
     cparams["uri"] = True
+
+
+def _sqlite_source_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # pysqlite's own BEGIN handling off
+    # Refuses writes on any source, `file:` URIs and `:memory:` included.
+    dbapi_connection.execute("PRAGMA query_only = ON")
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 def migrations_dir() -> str:
@@ -99,7 +116,7 @@ def alembic_config(engine: Engine | None = None) -> AlembicConfig:
 
 
 # The newest migration's revision; a test checks it against migrations/.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0004"
 
 
 def at_head(engine: Engine) -> bool:
@@ -155,3 +172,50 @@ _HINTS = (
                                               "writable"),
     ("", "connection refused", "; is the server running, and are host and port right?"),
 )
+
+
+def source_query_error(engine: Engine, exc: BaseException, entry_label: str,
+                       query: str) -> DatabaseError:
+    """A source query that failed, as one line; one that tried to write says so.
+
+    The source transaction is read-only (source_snapshot.py), so a write is refused by
+    the database before it changes anything; the message names the entry and the fix
+    instead of leaving the user with the database's own words alone.
+    """
+    if not tried_to_write(exc, query):
+        return database_error("source", engine, exc, f"{entry_label}: query failed: ")
+    url = engine.url.render_as_string(hide_password=False)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = Redactor(database_urls=(url,))(reason[0]) if reason else type(exc).__name__
+    return DatabaseError(
+        f"source database {mask_database_url(url)}: {entry_label}: query tried to change "
+        f"the source, and source queries are read-only: {first}; nothing was changed; "
+        "make it a SELECT that writes nothing (no INSERT, UPDATE or DELETE, no "
+        "data-modifying WITH, no function that writes)")
+
+
+# SQLSTATE 25006 read_only_sql_transaction (PostgreSQL: "cannot execute DELETE in a
+# read-only transaction"), and what other databases say: SQLite "attempt to write a
+# readonly database", MySQL/MariaDB 1792 "Cannot execute statement in a READ ONLY
+# transaction". PostgreSQL's server-side cursors refuse a data-modifying WITH before the
+# read-only check ("DECLARE CURSOR must not contain data-modifying statements in WITH"),
+# and a bare DELETE ... RETURNING as a syntax error: the query's first word tells.
+_WRITE_REFUSED = re.compile(r"read[- ]?only (sql )?transaction|readonly database"
+                            r"|data-modifying statement", re.IGNORECASE)
+_WRITE_STATEMENT = re.compile(
+    r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/|\()*"
+    r"(insert|update|delete|merge|upsert|replace|truncate|create|drop|alter|grant|revoke"
+    r"|copy|call|do|lock|refresh|vacuum|reindex|cluster|comment)\b",
+    re.IGNORECASE | re.DOTALL)
+
+
+def tried_to_write(exc: BaseException, query: str) -> bool:
+    """Whether a failed source query was refused for trying to change the source."""
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "sqlstate", None) == "25006":
+        return True
+    if getattr(orig, "sqlite_errorname", "SQLITE_READONLY") != "SQLITE_READONLY":
+        # SQLITE_READONLY_RECOVERY, _CANTINIT, ...: the same words, but a WAL file that
+        # cannot be read from a read-only directory, not a query that writes.
+        return bool(_WRITE_STATEMENT.match(query))
+    return bool(_WRITE_REFUSED.search(str(orig)) or _WRITE_STATEMENT.match(query))

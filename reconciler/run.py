@@ -56,6 +56,7 @@ from .snapshot import (
     load_profile,
     take_snapshot,
 )
+from .source_snapshot import begin_snapshot
 
 PAGE = 200  # updates marked dispatched at a time, a little ahead of the senders
 FLUSH_EVERY = 100
@@ -186,7 +187,6 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
 
     The report carries the safety guard's verdict, as a real run would judge it.
     """
-    observed_at = datetime.now(UTC)
     try:
         with engine.connect() as state:
             # With custom attributes no body can be skipped (each carries its changed
@@ -194,6 +194,7 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
             # built; without them, every body is built to count the skips.
             fast = config.destination.custom_attributes
             snapshot = _snapshot_and_diff(config, state, (), sample_size if fast else None)
+            observed_at = snapshot.source.taken_at
             verdict = check_exits(state, config.safety, audience_keys(config), accept_exits)
             planned = fill_plan(state, observed_at, None, config.destination.custom_attributes,
                                 max_users=sample_size if fast else None)
@@ -243,7 +244,9 @@ def _snapshot_and_diff(config: Config, state: Connection, resync_keys: Collectio
         except SQLAlchemyError as exc:
             raise database_error("source", source, exc) from None
         with conn:
+            source_snapshot = begin_snapshot(conn)  # every query below reads this moment
             snapshot = take_snapshot(config, conn, state)
+            snapshot.source = source_snapshot
             fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys)
             fill_diff(state)
             load_profile(config, conn, state, profile_users)
@@ -255,9 +258,9 @@ def _snapshot_and_diff(config: Config, state: Connection, resync_keys: Collectio
 def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
              result: RunResult) -> Snapshot:
     """Snapshot, diff and plan; commit the plan as pending updates in one transaction."""
-    observed_at = datetime.now(UTC)
     with engine.connect() as state:
         snapshot = _snapshot_and_diff(config, state, options.resync_keys)
+        observed_at = snapshot.source.taken_at
         result.guard = check_exits(state, config.safety, audience_keys(config),
                                    options.accept_exits)
         if result.guard.halted:
@@ -277,7 +280,7 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
         update_run(state, run_id, snapshot_at=observed_at, users_seen=result.users_seen,
                    users_changed=counts.users, entered=counts.entered, exited=counts.exited,
                    traits_changed=counts.traits_changed, skipped=counts.skipped,
-                   rows_ignored=snapshot.rows_ignored)
+                   rows_ignored=snapshot.rows_ignored, source_snapshot=snapshot.source.id)
         state.commit()
         drop_temp_tables(state)
         state.commit()

@@ -82,6 +82,8 @@ sync_runs = Table(
     Column("started_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime),
     Column("snapshot_at", UTCDateTime),
+    # PostgreSQL sources: the id of the snapshot every query read (pg_current_snapshot).
+    Column("source_snapshot", Text),
     Column("users_seen", Integer, nullable=False, default=0),
     Column("users_changed", Integer, nullable=False, default=0),
     Column("entered", Integer, nullable=False, default=0),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -22,6 +23,7 @@ from sqlalchemy import Connection
 from .config import PROFILE_FIELDS, Config, Entry
 from .errors import SourceEntryError
 from .source import TRUE, ReadStats, profile_fields, read_rows, trait_json
+from .source_snapshot import SourceSnapshot
 
 TEMP_TABLES = ("snap", "profile_raw", "profile", "diff", "kept", "plan")
 
@@ -34,6 +36,8 @@ class Snapshot:
     failed: dict[str, SourceEntryError] = field(default_factory=dict)  # key → error
     rows_ignored: int = 0
     users_seen: int = 0
+    # The source moment every query read (source_snapshot.begin_snapshot).
+    source: SourceSnapshot = field(default_factory=lambda: SourceSnapshot(datetime.now(UTC)))
 
     @property
     def failed_keys(self) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import database_error
+from .db import source_query_error
 from .errors import SourceEntryError
 from .schema import USER_ID
 
@@ -139,8 +139,9 @@ def read_rows(connection: Connection, entry_label: str, query: str,
 
     Column names match case-insensitively (warehouses upper-case them). Rows whose
     user_id is NULL or blank are dropped and counted in `stats.ignored`.
-    Raises `DatabaseError` when the source database rejects the query or fails while
-    it streams, `SourceEntryError` when the rows cannot be used.
+    Raises `DatabaseError` when the source database rejects the query (one that tries
+    to write says that source queries are read-only) or fails while it streams,
+    `SourceEntryError` when the rows cannot be used.
     """
     stats = stats if stats is not None else ReadStats()
     try:
@@ -149,8 +150,7 @@ def read_rows(connection: Connection, entry_label: str, query: str,
         result = connection.exec_driver_sql(
             query, execution_options={"yield_per": CHUNK_ROWS, "no_parameters": True})
     except SQLAlchemyError as exc:
-        raise database_error("source", connection.engine, exc,
-                             f"{entry_label}: query failed: ") from None
+        raise source_query_error(connection.engine, exc, entry_label, query) from None
     with result:
         if not result.returns_rows:
             raise SourceEntryError(entry_label, "query returns no rows; it must be a SELECT")
@@ -180,8 +180,7 @@ def read_rows(connection: Connection, entry_label: str, query: str,
         except Unrepresentable as exc:
             raise SourceEntryError(entry_label, str(exc)) from None
         except (SQLAlchemyError, driver_error) as exc:
-            raise database_error("source", connection.engine, exc,
-                                 f"{entry_label}: query failed: ") from None
+            raise source_query_error(connection.engine, exc, entry_label, query) from None
 
 
 def _chunks(result: Any, dialect: str) -> Iterator[Sequence[Any]]:

@@ -101,6 +101,10 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
     out.print(title)
     out.print(f"started {_when(run['started_at'])} UTC"
               + (f", took {_took(run)}" if run.get("finished_at") else ", still running"))
+    if run.get("snapshot_at"):
+        out.print(f"source read as of {_when(run['snapshot_at'])} UTC"
+                  + (f" (snapshot {run['source_snapshot']})" if run.get("source_snapshot")
+                     else ""))
     out.print(f"users seen {run['users_seen']}, changed {run['users_changed']} (entered "
               f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']})")
     out.print(f"sent {run['sent']}, failed {run['failed']}, skipped {run['skipped']}, "
