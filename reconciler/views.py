@@ -93,8 +93,10 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
 
 
 def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
-              attempts: list[dict[str, Any]], totals: dict[str, int]) -> None:
-    """One run: its counts, its first changes, its unacknowledged delivery attempts."""
+              attempts: list[dict[str, Any]], totals: dict[str, int],
+              causes: list[dict[str, Any]] | None = None) -> None:
+    """One run: its counts, its first changes, its unacknowledged delivery attempts
+    (grouped by cause first, when `causes` are given)."""
     title = Text(f"run {run['id']} · {run['trigger']} · ")
     title.append_text(_status(run["status"]))
     out.print(title)
@@ -104,6 +106,7 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
               f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']})")
     out.print(f"sent {run['sent']}, failed {run['failed']}, skipped {run['skipped']}, "
               f"pending after the run {run['pending']}, rows ignored {run['rows_ignored']}")
+    print_left_out(out, run)
     if run["error"]:
         out.print(Text(f"error: {run['error']}", style="red"))
     if changes:
@@ -116,6 +119,8 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
         _more(out, len(changes), totals["changes"], "changes")
     acknowledged = totals["deliveries"] - totals["unacknowledged"]
     out.print(f"{totals['deliveries']} delivery attempts, {acknowledged} acknowledged")
+    if causes:
+        print_causes(out, causes)
     if attempts:
         table = Table("user", "attempt", "sent at", "status", "outcome", "ms", "error",
                       title="attempts not acknowledged", title_justify="left")
@@ -126,6 +131,26 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
                           d["error"] or "")
         out.print(table)
         _more(out, len(attempts), totals["unacknowledged"], "attempts not acknowledged")
+
+
+def print_left_out(out: Console, run: dict[str, Any]) -> None:
+    """How many bodies of a run went without a field that failed validation."""
+    parts = [f"{label} left out: {run[key]}" for key, label in
+             (("emails_left_out", "emails"), ("linked_in_left_out", "linked_in"))
+             if run.get(key)]
+    if parts:
+        out.print(", ".join(parts) + " (invalid values; the notes of the changes say which)")
+
+
+def print_causes(out: Console, causes: list[dict[str, Any]]) -> None:
+    """The attempts not acknowledged, grouped by cause, most frequent first."""
+    table = Table(title="attempts not acknowledged, by cause", title_justify="left")
+    table.add_column("cause", overflow="fold")
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("updates", justify="right", no_wrap=True)
+    for item in causes:
+        table.add_row(item["cause"], str(item["attempts"]), str(item["updates"]))
+    out.print(table)
 
 
 def print_user(out: Console, data: dict[str, Any]) -> None:

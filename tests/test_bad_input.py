@@ -323,8 +323,8 @@ def test_user_query_cannot_change_a_sqlite_source(setup: Setup):
     query = "DELETE FROM members RETURNING user_id"
     result = sync(setup, extra=extra_entry("audiences", "Deleter", query))
     assert result.exit_code == 1
-    assert ('source database sqlite:///' in result.stderr
-            and 'audience "Deleter": query failed: attempt to write a readonly database'
+    assert ('audience "Deleter": query failed: attempt to write a readonly database; source '
+            "queries are read-only: the query must only read (source database sqlite:///"
             in result.stderr)
     setup.receiver.clear()
     assert sync(setup).exit_code == 0
