@@ -14,7 +14,7 @@ shown as `https://host/***`, database URLs without their password.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -129,9 +129,14 @@ def _query(conn: Connection, engine: Engine, label: str, query: str,
     wrapped = (f"SELECT * FROM ({query.strip().rstrip(';').rstrip()}\n) AS q "
                f"LIMIT {SAMPLE_ROWS}")
     try:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-        return Check(label, True, f"ok ({sample(conn, label, wrapped)})")
+        try:
+            return Check(label, True, f"ok ({_read_only(conn, sample, label, wrapped)})")
+        except DatabaseError:
+            # The wrapping itself may be what failed (a `;` before a comment, a clause
+            # the database refuses in a subquery); the query as written says, and runs
+            # only until its first rows are read.
+            conn.rollback()
+            return Check(label, True, f"ok ({_read_only(conn, sample, label, query)})")
     except SourceEntryError as exc:
         return Check(label, False, exc.problem)
     except DatabaseError as exc:
@@ -142,39 +147,52 @@ def _query(conn: Connection, engine: Engine, label: str, query: str,
         conn.rollback()  # nothing to keep; and on PostgreSQL a failed query ends it
 
 
+def _read_only(conn: Connection, sample: Callable[[Connection, str, str], str], label: str,
+               query: str) -> str:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+    return sample(conn, label, query)
+
+
 def _entry_checker(kind: str) -> Callable[[Connection, str, str], str]:
     columns = _COLUMNS.get(kind)
 
     def sample(conn: Connection, label: str, query: str) -> str:
         if columns is None:
             return f"not checked: no rule for {kind} queries"
-        rows, taken = _rows(conn, label, query, columns)
+        rows, stats = _rows(conn, label, query, columns)
         if kind == "trait":
             for user_id, value in rows:
                 trait_json(label, user_id, value)
-        return _described(rows, taken)
+        return _described(rows, stats)
     return sample
 
 
 def _profile_sample(conn: Connection, label: str, query: str) -> str:
-    rows, taken = _rows(conn, label, query, ("user_id",), PROFILE_FIELDS)
+    rows, stats = _rows(conn, label, query, ("user_id",), PROFILE_FIELDS)
     for user_id, *values in rows:
-        profile_fields(user_id, taken[1:], values)
-    return _described(rows, taken)
+        profile_fields(user_id, stats.columns[1:], values)
+    return _described(rows, stats)
 
 
 def _rows(conn: Connection, label: str, query: str, columns: tuple[str, ...],
-          optional: tuple[str, ...] = ()) -> tuple[list[Any], tuple[str, ...]]:
-    """The sampled rows, as a run reads them, and the columns it would take."""
-    stats = ReadStats()
-    rows = [row for chunk in read_rows(conn, label, query, columns, optional, stats)
-            for row in chunk]
-    return rows, stats.columns or columns
+          optional: tuple[str, ...] = ()) -> tuple[list[Any], ReadStats]:
+    """The first rows, read as a run reads them, and what reading them found."""
+    stats = ReadStats(columns=columns)
+    chunks = read_rows(conn, label, query, columns, optional, stats)
+    try:
+        rows = next(chunks, [])[:SAMPLE_ROWS]
+    finally:
+        if isinstance(chunks, Generator):
+            chunks.close()  # a query not wrapped in a LIMIT is read no further
+    return rows, stats
 
 
-def _described(rows: list[Any], columns: tuple[str, ...]) -> str:
+def _described(rows: list[Any], stats: ReadStats) -> str:
     read = f"{len(rows)} sample rows" if rows else "the query returns no rows"
-    return f"{read}; columns {', '.join(columns)}"
+    if stats.ignored:
+        read += f" and {stats.ignored} without a user_id (ignored)"
+    return f"{read}; columns {', '.join(stats.columns)}"
 
 
 def _user_agent() -> str:
@@ -197,8 +215,8 @@ def _webhook(config: Config, transport: httpx.BaseTransport | None) -> Check:
     except httpx.RequestError as exc:
         cause = cause_of(None, "error", redact(f"{type(exc).__name__}: {exc}"))
         return Check("webhook", False,
-                     f"{shown}: {cause}; check the host name, your network and any proxy or "
-                     "firewall between here and ChartMogul")
+                     f"{shown} did not answer: {cause}; check the host name, your network "
+                     "and any proxy or firewall between here and ChartMogul")
     status = response.status_code
     if 200 <= status < 300:
         return Check("webhook", True, f"ok ({shown} answered {status} to a POST of {{}})")

@@ -181,3 +181,5 @@ _HINTS = (
                                               "writable"),
     ("", "connection refused", "; is the server running, and are host and port right?"),
 )
+# The fixes above, so that displays short of room can leave them out.
+FIX_HINTS = tuple(hint for _, _, hint in _HINTS)

@@ -8,6 +8,7 @@ to get them all (`--json`); times are UTC.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -25,6 +26,7 @@ from rich.progress import Progress as ProgressDisplay
 from rich.table import Table
 from rich.text import Text
 
+from .db import FIX_HINTS
 from .run import Progress
 
 ROWS = 50
@@ -67,6 +69,29 @@ def _more(out: Console, shown: int, total: int, what: str) -> None:
         out.print(f"… {total - shown} more {what}; --json prints them all", style="dim")
 
 
+ERROR_CELL = 48  # characters of a run's error in the `history` table
+_WHERE = re.compile(r" \((?:state|source) database [^()\s]*\)")
+
+
+def error_cell(error: str | None, width: int = ERROR_CELL) -> str:
+    """A run's error cut to `width` characters so that its cause survives.
+
+    Messages end with the cause (then our fix and which database): short of room, the
+    database URLs and fixes go first, then the middle of the text, never its end.
+    `show` and `--json` keep the whole text.
+    """
+    text = error or ""
+    if len(text) <= width:
+        return text
+    text = _WHERE.sub("", text)
+    for hint in FIX_HINTS:
+        text = text.replace(hint, "")
+    if len(text) <= width:
+        return text
+    head = width // 3
+    return text[:head].rstrip() + "…" + text[len(text) - (width - head - 1):]
+
+
 def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
     if not runs:
         out.print("no runs yet; `reconciler sync` starts one")
@@ -88,7 +113,7 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
                       *(str(run[k]) for k in ("users_seen", "users_changed", "entered",
                                               "exited", "traits_changed", "sent", "failed",
                                               "skipped", "pending")),
-                      run["error"] or "")
+                      error_cell(run["error"]))
     out.print(table)
 
 
