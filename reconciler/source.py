@@ -210,12 +210,12 @@ _USUAL_SOURCE = {"user_id": "id", "value": "amount", "group_id": "id"}
 
 
 def _alias_hint(missing: Sequence[str], names: Sequence[str], known: Sequence[str]) -> str:
-    """`alias it, e.g. SELECT total AS value`: the first missing column, aliased from a
-    returned column the query has no use for (or a usual name)."""
-    spare = [n for n in names if n not in known]
-    column = missing[0]
-    source = spare[0] if spare else _USUAL_SOURCE.get(column, "...")
-    return f"alias {'it' if len(missing) == 1 else 'them'}, e.g. SELECT {source} AS {column}"
+    """`alias it, e.g. SELECT total AS value`: each missing column aliased from a returned
+    column the query has no use for, in order (or from a usual name)."""
+    spare = iter([n for n in names if n not in known])
+    aliases = [f"{next(spare, _USUAL_SOURCE.get(column, '...'))} AS {column}"
+               for column in missing]
+    return f"alias {'it' if len(missing) == 1 else 'them'}, e.g. SELECT {', '.join(aliases)}"
 
 
 def _chunks(result: Any, dialect: str) -> Iterator[Sequence[Any]]:

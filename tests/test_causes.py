@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from reconciler.causes import cause_of
 from reconciler.schema import sync_runs
+from reconciler.views import error_cell
 
 from .conftest import Setup
 from .processes import PATIENCE, RECONCILER, clean_env, free_port
@@ -162,3 +163,27 @@ def test_a_run_stopped_by_a_signal_says_so(members, engine_of):
 ])
 def test_cause_of_an_attempt(status, outcome, error, cause):
     assert cause_of(status, outcome, error) == cause
+
+
+def test_history_keeps_the_cause_when_it_shortens_an_error(setup: Setup):
+    """`history` cuts long errors in the middle, never the cause at their end."""
+    extra = ('\n[[audiences]]\nname = "Order Completed Last 30 Days Premium Customers"\n'
+             'query = "SELECT user_id FROM userz"\n')
+    path = setup.write(extra=extra)
+    assert cli("sync", "--config", str(path)).exit_code == 1
+    shown = cli("history", "--config", str(path))
+    assert shown.exit_code == 0
+    assert "no such table: userz" in shown.stdout
+    assert "…" in shown.stdout and "source database" not in shown.stdout
+
+
+@pytest.mark.parametrize("error, cell", [
+    ("3775 pending: connection refused (3775)", "3775 pending: connection refused (3775)"),
+    ('audience "Order Completed Last 30 Days": query failed: relation "userz" does not '
+     "exist (source database postgresql://app@db.example.com:5432/warehouse)",
+     'audience "Order…relation "userz" does not exist'),
+    ("unable to open database file; check that the directory exists and is writable "
+     "(state database sqlite:////srv/reconciler/state.db)", "unable to open database file"),
+])
+def test_error_cell(error, cell):
+    assert error_cell(error) == cell and len(cell) <= 48
