@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .causes import cause_of
-from .config import PROFILE_FIELDS, Config, load_config
+from .config import PROFILE_FIELDS, Config, is_loopback_host, load_config
 from .db import HEAD_REVISION, database_error, migrate, shown_url, source_engine, state_engine
 from .errors import ConfigError, DatabaseError, SourceEntryError
 from .redact import Redactor, for_config, mask_webhook
@@ -211,7 +211,13 @@ def _webhook(config: Config, transport: httpx.BaseTransport | None) -> Check:
         with httpx.Client(timeout=httpx.Timeout(destination.timeout_seconds),
                           transport=transport,
                           headers={"User-Agent": _user_agent()}) as client:
-            response = client.post(destination.webhook_url, json={})
+            response, hops = _post_following(client, destination.webhook_url)
+    except _RefusedRedirect as exc:
+        # Masked URLs end the message: the redactor takes punctuation after one for path.
+        return Check("webhook", False,
+                     f"{shown} redirects to a URL that is neither https nor on a loopback "
+                     "host; paste the webhook URL from ChartMogul again; it redirects to "
+                     f"{mask_webhook(str(exc))}")
     except httpx.RequestError as exc:
         cause = cause_of(None, "error", redact(f"{type(exc).__name__}: {exc}"))
         return Check("webhook", False,
@@ -219,12 +225,14 @@ def _webhook(config: Config, transport: httpx.BaseTransport | None) -> Check:
                      "and any proxy or firewall between here and ChartMogul")
     status = response.status_code
     if 200 <= status < 300:
-        return Check("webhook", True, f"ok ({shown} answered {status} to a POST of {{}})")
+        via = f" after {hops} redirect{'s' * (hops > 1)}" if hops else ""
+        return Check("webhook", True,
+                     f"ok ({shown} answered {status} to a POST of {{}}{via})")
     answer = cause_of(status, "rejected", redact(response.text[:500]))
     if 300 <= status < 400:
         location = response.headers.get("Location")
-        where = f" to {mask_webhook(location)}" if location else ""
-        fix = f"redirects{where}; paste the webhook URL from ChartMogul again"
+        where = f"; it redirects to {mask_webhook(location)}" if location else ""
+        fix = f"paste the webhook URL from ChartMogul again{where}"
     elif status in (401, 403, 404, 410):
         fix = ("ChartMogul does not accept this URL; paste the webhook URL from ChartMogul "
                "again (the source may have been deleted or the URL mistyped)")
@@ -233,3 +241,26 @@ def _webhook(config: Config, transport: httpx.BaseTransport | None) -> Check:
     else:
         fix = "check the webhook URL (it must be ChartMogul's Send Contact webhook)"
     return Check("webhook", False, f"{shown} answered {answer}; {fix}")
+
+
+MAX_REDIRECTS = 3
+
+
+class _RefusedRedirect(Exception):
+    """A 307/308 pointed at a URL the sender would not follow (the URL is the message)."""
+
+
+def _post_following(client: httpx.Client, url: str) -> tuple[httpx.Response, int]:
+    """POST `{}`, following 307/308 (same method and body) as the sender does (SPEC §5):
+    at most 3 hops, to https or loopback http only."""
+    hops = 0
+    while True:
+        response = client.post(url, json={})
+        location = response.headers.get("Location")
+        if response.status_code not in (307, 308) or not location or hops == MAX_REDIRECTS:
+            return response, hops
+        target = response.url.join(location)
+        if not (target.scheme == "https"
+                or (target.scheme == "http" and is_loopback_host(target.host))):
+            raise _RefusedRedirect(str(target))
+        url, hops = str(target), hops + 1

@@ -208,3 +208,30 @@ query = "SELECT user_id, nextval('bumps') FROM members"
         "query failed: cannot execute nextval() in a read-only transaction")
     with psycopg.connect(pg_url.replace("+psycopg", "")) as conn:
         assert conn.execute("SELECT last_value, is_called FROM bumps").fetchone() == (1, False)
+
+
+def test_the_webhook_check_follows_307_as_the_sender_does(filled: Setup):
+    filled.receiver.respond = lambda n, _b: (
+        Reply(307, headers={"Location": "/hook/moved-token-1234"}) if n == 1 else Reply(200))
+    result = check(filled.write())
+    assert result.exit_code == 0, result.output
+    assert lines(result)["webhook"].endswith("answered 200 to a POST of {} after 1 redirect)")
+    assert [r.path for r in filled.receiver.requests] == ["/hook/s3cr3t-token",
+                                                          "/hook/moved-token-1234"]
+    assert filled.receiver.bodies() == [{}, {}] and "moved-token" not in result.output
+
+
+@pytest.mark.parametrize("status, location, expected", [
+    (302, "https://elsewhere.example/new-token-5678",
+     'answered 302 "ok"; paste the webhook URL from ChartMogul again; it redirects to '
+     "https://elsewhere.example/***"),
+    (307, "http://elsewhere.example/new-token-5678",
+     "redirects to a URL that is neither https nor on a loopback host; paste the webhook URL "
+     "from ChartMogul again; it redirects to http://elsewhere.example/***"),
+])
+def test_a_webhook_redirecting_where_the_sender_would_not_go_fails(filled: Setup, status,
+                                                                   location, expected):
+    filled.receiver.respond = lambda _n, _b: Reply(status, headers={"Location": location})
+    result = check(filled.write())
+    assert result.exit_code == 1
+    assert expected in lines(result)["webhook"] and "new-token" not in result.output
