@@ -62,10 +62,14 @@ def check_config(path: Path, env: Mapping[str, str] = os.environ
         config = load_config(path, env)
     except ConfigError as exc:
         return None, Check("config", False, str(exc))
-    kinds = [f"{len(config.audiences)} audiences", f"{len(config.traits)} traits"]
+    kinds = [_count(len(config.audiences), "audience"), _count(len(config.traits), "trait")]
     if config.profile_query:
         kinds.append("a profile query")
     return config, Check("config", True, f"ok ({path}: {', '.join(kinds)})")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
 
 
 def run_checks(config: Config, transport: httpx.BaseTransport | None = None) -> Report:
@@ -189,7 +193,7 @@ def _rows(conn: Connection, label: str, query: str, columns: tuple[str, ...],
 
 
 def _described(rows: list[Any], stats: ReadStats) -> str:
-    read = f"{len(rows)} sample rows" if rows else "the query returns no rows"
+    read = _count(len(rows), "sample row") if rows else "the query returns no rows"
     if stats.ignored:
         read += f" and {stats.ignored} without a user_id (ignored)"
     return f"{read}; columns {', '.join(stats.columns)}"

@@ -178,7 +178,7 @@ def test_rows_without_a_user_id_are_counted_as_ignored(filled: Setup):
     filled.warehouse.members("High Value Users", None, "", "u1")
     found = lines(check(filled.write()))
     assert found['audience "High Value Users"'].startswith(
-        "ok (1 sample rows and 2 without a user_id (ignored)")
+        "ok (1 sample row and 2 without a user_id (ignored)")
 
 
 def test_queries_on_a_postgresql_source_run_read_only(filled: Setup, pg_url):
