@@ -155,11 +155,15 @@ def is_valid_email(address: str) -> bool:
     return _EMAIL.fullmatch(address) is not None
 
 
+# Plain web addresses: a subset of the language of _URI, checked in a fraction of its time.
+_PLAIN_URI = re.compile(r"https?://[A-Za-z0-9.\-]+(?:/[A-Za-z0-9._~\-]*)*")
+
+
 def is_valid_uri(value: str) -> bool:
     """Whether the Segment action's schema accepts `value` as format "uri": a scheme,
     then ASCII URI characters only (`https://linkedin.com/in/jane`, not
     `linkedin.com/in/jane`)."""
-    return _URI.fullmatch(value) is not None
+    return _PLAIN_URI.fullmatch(value) is not None or _URI.fullmatch(value) is not None
 
 
 _FORMATS = {"email": is_valid_email, "linked_in": is_valid_uri}

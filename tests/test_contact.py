@@ -280,3 +280,10 @@ def test_a_non_ascii_character_anywhere_makes_an_address_invalid(address, where,
 def test_an_address_without_a_dot_in_its_domain_is_invalid(address):
     local, _, domain = address.partition("@")
     assert not is_valid_email(f"{local}@{domain.replace('.', '')}")
+
+
+@settings(max_examples=300)
+@given(st.from_regex(r"https?://[A-Za-z0-9.\-]{1,12}(/[A-Za-z0-9._~\-]{0,8}){0,3}", fullmatch=True))
+def test_the_fast_path_for_plain_web_addresses_accepts_only_what_the_uri_pattern_does(url):
+    from reconciler.contact import _URI
+    assert is_valid_uri(url) and _URI.fullmatch(url) is not None
