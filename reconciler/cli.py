@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -23,6 +22,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import check as check_core
 from . import history as history_core
 from . import logs, views
 from .config import Config, config_path, load_config
@@ -84,7 +84,9 @@ def _setup(config_file: str | None,
     _REDACT[:] = [for_config(config)]
     engine = state_engine(config.database_url)
     click.get_current_context().call_on_close(engine.dispose)
-    migrate(engine)
+    created = migrate(engine)
+    if created:
+        click.echo(f"reconciler: {created}", err=True)
     return config, engine
 
 
@@ -165,22 +167,23 @@ def _resync_keys(config: Config, key: str | None) -> list[str]:
 def _run(config: Config, engine: Engine, options: RunOptions, as_json: bool) -> RunResult:
     """One run, with a progress bar when stdout is a terminal; a signal stops it gently."""
     out = views.console()
-    with _stop_on_signal(options.stop), contextlib.ExitStack() as stack:
+    with _stop_on_signal(options), contextlib.ExitStack() as stack:
         if out.is_terminal and not as_json:
             options.progress = stack.enter_context(views.progress_bar(out))
         return sync(config, engine, options)
 
 
 @contextlib.contextmanager
-def _stop_on_signal(stop: threading.Event) -> Iterator[None]:
+def _stop_on_signal(options: RunOptions) -> Iterator[None]:
     """The first SIGINT/SIGTERM lets in-flight deliveries finish and leaves the rest
     pending; a second one ends the process at once (the next run recovers from that)."""
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
+        if options.stop.is_set():
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        stop.set()
+        options.stopped_by = signal.Signals(signum).name
+        options.stop.set()
         sys.stderr.write("\nreconciler: stopping; deliveries in flight finish, the rest stay "
                          "pending for the next run (signal again to quit at once)\n")
 
@@ -233,6 +236,32 @@ def prune_command(config_file: str | None, keep_days: int | None, as_json: bool)
                f"{pruned.deliveries} delivery attempts")
 
 
+@main.command("check")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@_handle_errors
+def check_command(config_file: str | None, as_json: bool) -> None:
+    """Check the config, both databases, every query and the webhook, without syncing.
+
+    One line per check: ok, or what is wrong and the fix. Exit status 0 when every
+    check is ok, 1 when one failed, 2 when the config is invalid.
+    """
+    config, config_check = check_core.check_config(config_path(config_file))
+    checks = [config_check]
+    if config is not None:
+        _REDACT[:] = [for_config(config)]
+        report = check_core.run_checks(config)
+        if report.created:
+            click.echo(f"reconciler: {report.created}", err=True)
+        checks += report.checks
+    if as_json:
+        _print_json({"ok": all(c.ok for c in checks), "checks": [vars(c) for c in checks]})
+    else:
+        for item in checks:
+            click.echo(f"{item.name}: {item.message}")
+    sys.exit(2 if config is None else 0 if all(c.ok for c in checks) else 1)
+
+
 @main.command("history")
 @config_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
@@ -262,10 +291,12 @@ def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
         return
 
     def for_terminal(conn: Any) -> tuple[Any, ...]:
-        return (history_core.run_summary(conn, run_id),
+        return ({**history_core.run_summary(conn, run_id),
+                 **history_core.run_left_out(conn, run_id)},
                 history_core.run_changes(conn, run_id, views.ROWS),
                 history_core.run_deliveries(conn, run_id, views.ROWS, unacknowledged_only=True),
-                history_core.run_totals(conn, run_id))
+                history_core.run_totals(conn, run_id),
+                history_core.run_causes(conn, run_id))
     views.print_run(views.console(), *_read(engine, for_terminal))
 
 
@@ -307,6 +338,9 @@ def _print_result(result: RunResult, as_json: bool) -> None:
         f"traits {result.traits_changed}); sent {result.sent}, failed {result.failed}, "
         f"skipped {result.skipped}, pending {result.pending}"
         + (f"; ignored {result.rows_ignored} rows without user_id" if result.rows_ignored
+           else "")
+        + (f"; emails left out: {result.emails_left_out}" if result.emails_left_out else "")
+        + (f"; linked_in left out: {result.linked_in_left_out}" if result.linked_in_left_out
            else "")
         + (f"; error: {result.error}" if result.error else ""))
 

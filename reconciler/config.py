@@ -262,9 +262,13 @@ class _Reader:
     def database_url(self, table: Mapping[str, Any], entry: str, env_name: str,
                      env: Mapping[str, str], default: str | None = None) -> str:
         url, origin = self.text(table, "url", entry, env_name, env)
+        # A relative SQLite path in the file is relative to the file (so a daemon
+        # started from anywhere finds the same state); in the environment, to the
+        # working directory (SPEC §3).
+        base = Path.cwd() if origin.endswith("(environment)") else Path(self.where).parent
         if not url:
             if default is not None:
-                return default
+                return resolve_sqlite_path(default, base)
             raise self.fail(origin, "is missing",
                             f'set url = "sqlite:///file.db" in {entry} or the {env_name} '
                             "variable")
@@ -277,7 +281,7 @@ class _Reader:
         if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
             raise self.fail(origin, "is an in-memory SQLite database, which keeps nothing",
                             'give a file path: "sqlite:///file.db"')
-        return url
+        return resolve_sqlite_path(url, base)
 
     def config(self, raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         self.no_unknown(raw, _TOP, "top level")
@@ -428,6 +432,20 @@ class _Reader:
         members = self.number(table, "min_members", entry, defaults.min_members, 1,
                               integer=True)
         return Safety(max_exit_share=float(share), min_members=members)
+def resolve_sqlite_path(url: str, base: Path) -> str:
+    """`url` with a relative SQLite file path made absolute against `base`.
+
+    Other URLs, absolute paths and SQLite URI filenames (`file:...`, `?uri=true`) are
+    returned as they are.
+    """
+    parsed = make_url(url)
+    path = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not path or path == ":memory:"
+            or path.startswith("file:") or parsed.query.get("uri") == "true"
+            or os.path.isabs(path)):
+        return url
+    absolute = os.path.abspath(os.path.join(base, path))
+    return parsed.set(database=absolute).render_as_string(hide_password=False)
 
 
 def _check_driver(url: URL, fail: Any, origin: str) -> None:

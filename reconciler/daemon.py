@@ -161,6 +161,7 @@ def run_daemon(config: Config, engine: Engine) -> None:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # Only set flags here: the watcher thread does the rest, outside signal context.
         received.append(signal.Signals(signum).name)
+        options.stopped_by = options.stopped_by or received[0]
         options.stop.set()
 
     watcher = threading.Thread(target=_stop_when_asked, name="stop-watcher", daemon=True,

@@ -7,8 +7,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -18,6 +19,16 @@ if TYPE_CHECKING:
 
 from .errors import DatabaseError
 from .redact import Redactor, mask_database_url
+
+# Each engine's URL as the user wrote it (`postgresql://`, before normalize_url picks the
+# driver), for messages.
+_WRITTEN: WeakKeyDictionary[Engine, str] = WeakKeyDictionary()
+
+
+def shown_url(engine: Engine) -> str:
+    """The engine's URL as the user wrote it, password masked: what messages show."""
+    written = _WRITTEN.get(engine) or engine.url.render_as_string(hide_password=False)
+    return mask_database_url(written)
 
 
 def normalize_url(url: str) -> URL:
@@ -41,6 +52,7 @@ def state_engine(url: str) -> Engine:
         timeout = float(parsed.query.get("timeout", 30))  # type: ignore[arg-type]
         kwargs["connect_args"] = {"timeout": timeout}
     engine = create_engine(parsed, **kwargs)
+    _WRITTEN[engine] = url
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -64,6 +76,7 @@ def source_engine(url: str) -> Engine:
     """
     parsed = normalize_url(url)
     engine = create_engine(parsed, poolclass=NullPool)
+    _WRITTEN[engine] = url
     path = parsed.database
     if (engine.dialect.name == "sqlite" and path and path != ":memory:"
             and not path.startswith("file:") and parsed.query.get("uri") != "true"):
@@ -130,43 +143,56 @@ def at_head(engine: Engine) -> bool:
     return versions == [HEAD_REVISION]
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the state database to the newest schema.
+def migrate(engine: Engine) -> str | None:
+    """Bring the state database to the newest schema; say so when it was new.
 
     Every command calls this first, so the common case, a database already at the
-    newest revision, is one query; Alembic is loaded only to upgrade.
+    newest revision, is one query; Alembic is loaded only to upgrade. Returns a line
+    saying where the state database was created when this made it (a new SQLite file,
+    or the tables of an empty database), else None.
     """
     if at_head(engine):
-        return
+        return None
     from alembic import command  # ~0.1 s of imports, paid only to upgrade
 
     cfg = alembic_config()
     try:
         with engine.begin() as connection:
+            new = not inspect(connection).has_table("alembic_version")
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:
         raise database_error("state", engine, exc) from None
+    if not new:
+        return None
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        return f"created state database {engine.url.database}"
+    return f"created the state database's tables in {shown_url(engine)}"
 
 
 def database_error(which: str, engine: Engine, exc: BaseException,
                    context: str = "") -> DatabaseError:
-    """One secret-free line saying which database failed, where (`context`) and why."""
+    """One secret-free line saying where (`context`) and why, then which database.
+
+    The cause comes first and the URL (as the user wrote it) last, so that a display
+    that cuts the line short loses the URL, not the cause.
+    """
     url = engine.url.render_as_string(hide_password=False)
-    redact = Redactor(database_urls=(url,))
+    redact = Redactor(database_urls=(url, _WRITTEN.get(engine) or url))
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = redact(reason[0]) if reason else type(exc).__name__
     hint = next((h for w, needle, h in _HINTS if needle in first.lower() and w in ("", which)),
                 "")
-    return DatabaseError(
-        f"{which} database {mask_database_url(url)}: {context}{first}{hint}")
+    return DatabaseError(f"{context}{first}{hint} ({which} database {shown_url(engine)})")
 
 
 # Fixes for the reasons people meet most; the full list is in docs/troubleshooting.md.
 _HINTS = (
     ("", "database is locked", "; another program holds a lock on the file: stop it or "
                                "wait (add ?timeout=SECONDS to the URL to wait longer)"),
-    ("", "readonly database", "; make the file and its directory writable"),
+    ("state", "readonly database", "; make the file and its directory writable"),
+    ("source", "readonly database", "; source queries are read-only: the query must only "
+                                    "read"),
     ("source", "unable to open database file", "; check the path: the file must exist"),
     ("state", "unable to open database file", "; check that the directory exists and is "
                                               "writable"),
@@ -186,12 +212,13 @@ def source_query_error(engine: Engine, exc: BaseException, entry_label: str,
         return database_error("source", engine, exc, f"{entry_label}: query failed: ")
     url = engine.url.render_as_string(hide_password=False)
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    first = Redactor(database_urls=(url,))(reason[0]) if reason else type(exc).__name__
+    redact = Redactor(database_urls=(url, _WRITTEN.get(engine) or url))
+    first = redact(reason[0]) if reason else type(exc).__name__
     return DatabaseError(
-        f"source database {mask_database_url(url)}: {entry_label}: query tried to change "
-        f"the source, and source queries are read-only: {first}; nothing was changed; "
-        "make it a SELECT that writes nothing (no INSERT, UPDATE or DELETE, no "
-        "data-modifying WITH, no function that writes)")
+        f"{entry_label}: query tried to change the source, and source queries are "
+        f"read-only: {first}; nothing was changed; make it a SELECT that writes nothing "
+        "(no INSERT, UPDATE or DELETE, no data-modifying WITH, no function that writes) "
+        f"(source database {shown_url(engine)})")
 
 
 # SQLSTATE 25006 read_only_sql_transaction (PostgreSQL: "cannot execute DELETE in a
@@ -219,3 +246,5 @@ def tried_to_write(exc: BaseException, query: str) -> bool:
         # cannot be read from a read-only directory, not a query that writes.
         return bool(_WRITE_STATEMENT.match(query))
     return bool(_WRITE_REFUSED.search(str(orig)) or _WRITE_STATEMENT.match(query))
+# The fixes above, so that displays short of room can leave them out.
+FIX_HINTS = tuple(hint for _, _, hint in _HINTS)

@@ -11,6 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from .causes import attempt_causes
+from .contact import NOTE_EMAIL, NOTE_LINKED_IN
 from .errors import UsageError
 from .schema import acked, changes, deliveries, sync_runs, updates
 
@@ -43,9 +45,28 @@ def list_runs(state: Connection, limit: int = 20) -> list[dict[str, Any]]:
 def show_run(state: Connection, run_id: int) -> dict[str, Any]:
     """One run with all its changes and delivery attempts; UsageError if unknown."""
     run = run_summary(state, run_id)
+    run.update(run_left_out(state, run_id))
+    run["causes"] = run_causes(state, run_id)
     run["changes"] = run_changes(state, run_id)
     run["deliveries"] = run_deliveries(state, run_id)
     return run
+
+
+def run_left_out(state: Connection, run_id: int) -> dict[str, int]:
+    """How many updates planned by a run left out an email or a linked_in that failed
+    validation, counted from their notes (SPEC §5)."""
+    counts = {"emails_left_out": 0, "linked_in_left_out": 0}
+    planned = select(changes.c.update_id).where(changes.c.run_id == run_id)
+    for (note,) in state.execute(select(updates.c.note).where(
+            updates.c.id.in_(planned), updates.c.note.is_not(None))):
+        counts["emails_left_out"] += NOTE_EMAIL in note
+        counts["linked_in_left_out"] += NOTE_LINKED_IN in note
+    return counts
+
+
+def run_causes(state: Connection, run_id: int) -> list[dict[str, Any]]:
+    """A run's attempts not acknowledged, grouped by cause (`causes.attempt_causes`)."""
+    return attempt_causes(state, run_id)
 
 
 def run_summary(state: Connection, run_id: int) -> dict[str, Any]:

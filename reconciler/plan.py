@@ -48,11 +48,15 @@ class PlanCounts:
     exited: int = 0
     traits_changed: int = 0
     skipped: int = 0
+    # Bodies planned without a profile field that failed validation (SPEC §5).
+    emails_left_out: int = 0
+    linked_in_left_out: int = 0
 
 
 def count_diff(state: Connection) -> PlanCounts:
     """What `fill_plan` would count, from `diff` in SQL, skips aside (none can occur
-    with custom attributes: every body carries its changed keys)."""
+    with custom attributes: every body carries its changed keys) and fields left out
+    (not counted: only building the bodies finds them)."""
     users, entered, exited, traits = state.exec_driver_sql(f"""
         SELECT COUNT(DISTINCT user_id),
                SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
@@ -92,6 +96,9 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
                           "skipped" if contact.skip else "pending", note))
             counts.users += 1
             counts.skipped += contact.skip is not None
+            if contact.left_out:
+                counts.emails_left_out += "email" in contact.left_out
+                counts.linked_in_left_out += "linked_in" in contact.left_out
             for _key, kind, value, _forced, _version, _profile in rows:
                 if kind == "trait":
                     counts.traits_changed += 1

@@ -27,6 +27,7 @@ import httpx
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from .causes import explain, join
 from .config import Config
 from .db import database_error, source_engine
 from .diff import fill_diff, fill_run_keys
@@ -83,6 +84,8 @@ class RunResult:
     rows_ignored: int = 0
     error: str | None = None
     guard: Verdict | None = None  # the safety guard's verdict, once the diff was judged
+    emails_left_out: int = 0
+    linked_in_left_out: int = 0
 
     @property
     def exit_status(self) -> int:
@@ -117,6 +120,7 @@ class RunOptions:
     resync_keys: Collection[str] = ()
     resync_label: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    stopped_by: str | None = None  # the signal that set `stop` (SIGTERM, SIGINT), if one did
     transport: httpx.BaseTransport | None = None
     progress: Progress | None = None
     backoff_initial: float = 0.5
@@ -156,6 +160,11 @@ def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> R
                                           or snapshot.failed) else "succeeded"
             if snapshot.failed:
                 result.error = redact("; ".join(str(e) for e in snapshot.failed.values()))
+            if result.failed or result.pending:  # say why, grouped by cause (SPEC §4)
+                stopped = options.stopped_by or ("request" if options.stop.is_set() else None)
+                with engine.connect() as conn:
+                    why = explain(conn, run_id, result.pending, stopped, lock.lost.is_set())
+                result.error = join(result.error, redact(why) if why else None)
             if lock.lost.is_set():  # another run took the lock over: we stopped sending
                 result.error = "; ".join(filter(None, (result.error, LOCK_LOST)))
         except (ReconcilerError, SQLAlchemyError) as exc:
@@ -277,6 +286,8 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
         result.entered, result.exited = counts.entered, counts.exited
         result.traits_changed, result.skipped = counts.traits_changed, counts.skipped
         result.rows_ignored = snapshot.rows_ignored
+        result.emails_left_out = counts.emails_left_out
+        result.linked_in_left_out = counts.linked_in_left_out
         update_run(state, run_id, snapshot_at=observed_at, users_seen=result.users_seen,
                    users_changed=counts.users, entered=counts.entered, exited=counts.exited,
                    traits_changed=counts.traits_changed, skipped=counts.skipped,

@@ -72,6 +72,24 @@ def to_json(value: Any) -> str:
     raise Unrepresentable(f"values of type {type(value).__name__} cannot be sent; {_CAST_HINT}")
 
 
+def number_text(value: int | float | Decimal) -> str:
+    """A number sent as text (an id, a contact field), as Segment's type coercion writes
+    it: an integral float or decimal as an integer (`42.0` → `"42"`), others without
+    trailing zeros (`Decimal("42.50")` → `"42.5"`)."""
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Unrepresentable(f"{value} is not a finite number")
+        # JavaScript writes integral numbers from 1e21 on with an exponent, as repr does.
+        return str(int(value)) if value.is_integer() and abs(value) < 1e21 else repr(value)
+    if not value.is_finite():
+        raise Unrepresentable(f"{value} is not a finite number")
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
 def is_blank(value: Any) -> bool:
     """NULL, or text with nothing but whitespace: "no value"."""
     return value is None or (isinstance(value, str) and not value.strip())
@@ -85,7 +103,7 @@ def user_id_text(value: Any) -> str | None:
         return None
     if isinstance(value, bytes | bytearray | memoryview):
         raise Unrepresentable(f"user_id is binary; {_CAST_HINT}")
-    result = str(value)
+    result = number_text(value) if isinstance(value, float | Decimal) else str(value)
     if len(result) > MAX_USER_ID:
         raise Unrepresentable(f'user_id "{result[:40]}…" is longer than {MAX_USER_ID} '
                               "characters")
@@ -117,6 +135,9 @@ def profile_fields(user_id: str, names: Sequence[str], values: Sequence[Any]
             fields[name] = value
             continue
         try:
+            if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+                fields[name] = number_text(value)
+                continue
             text = to_json(value)
         except Unrepresentable as exc:
             raise SourceEntryError("[profile]", f'user "{user_id}": {name}: {exc}') from None
@@ -160,7 +181,7 @@ def read_rows(connection: Connection, entry_label: str, query: str,
             raise SourceEntryError(
                 entry_label,
                 f"query returned columns ({', '.join(names) or 'none'}) but needs "
-                f"{', '.join(missing)}; alias them, e.g. SELECT id AS user_id")
+                f"{', '.join(missing)}; {_alias_hint(missing, names, columns + optional)}")
         wanted = list(columns) + [c for c in optional if c in names]
         pick = _picker([names.index(c) for c in wanted], len(names))
         stats.columns = tuple(wanted)
@@ -181,6 +202,19 @@ def read_rows(connection: Connection, entry_label: str, query: str,
             raise SourceEntryError(entry_label, str(exc)) from None
         except (SQLAlchemyError, driver_error) as exc:
             raise source_query_error(connection.engine, exc, entry_label, query) from None
+
+
+# What a missing column is most often called in a query, for the hint.
+_USUAL_SOURCE = {"user_id": "id", "value": "amount", "group_id": "id"}
+
+
+def _alias_hint(missing: Sequence[str], names: Sequence[str], known: Sequence[str]) -> str:
+    """`alias it, e.g. SELECT total AS value`: each missing column aliased from a returned
+    column the query has no use for, in order (or from a usual name)."""
+    spare = iter([n for n in names if n not in known])
+    aliases = [f"{next(spare, _USUAL_SOURCE.get(column, '...'))} AS {column}"
+               for column in missing]
+    return f"alias {'it' if len(missing) == 1 else 'them'}, e.g. SELECT {', '.join(aliases)}"
 
 
 def _chunks(result: Any, dialect: str) -> Iterator[Sequence[Any]]:

@@ -8,6 +8,7 @@ to get them all (`--json`); times are UTC.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -25,6 +26,7 @@ from rich.progress import Progress as ProgressDisplay
 from rich.table import Table
 from rich.text import Text
 
+from .db import FIX_HINTS
 from .run import Progress
 
 ROWS = 50
@@ -68,6 +70,29 @@ def _more(out: Console, shown: int, total: int, what: str) -> None:
         out.print(f"… {total - shown} more {what}; --json prints them all", style="dim")
 
 
+ERROR_CELL = 48  # characters of a run's error in the `history` table
+_WHERE = re.compile(r" \((?:state|source) database [^()\s]*\)")
+
+
+def error_cell(error: str | None, width: int = ERROR_CELL) -> str:
+    """A run's error cut to `width` characters so that its cause survives.
+
+    Messages end with the cause (then our fix and which database): short of room, the
+    database URLs and fixes go first, then the middle of the text, never its end.
+    `show` and `--json` keep the whole text.
+    """
+    text = error or ""
+    if len(text) <= width:
+        return text
+    text = _WHERE.sub("", text)
+    for hint in FIX_HINTS:
+        text = text.replace(hint, "")
+    if len(text) <= width:
+        return text
+    head = width // 3
+    return text[:head].rstrip() + "…" + text[len(text) - (width - head - 1):]
+
+
 def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
     if not runs:
         out.print("no runs yet; `reconciler sync` starts one")
@@ -89,13 +114,15 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
                       *(str(run[k]) for k in ("users_seen", "users_changed", "entered",
                                               "exited", "traits_changed", "sent", "failed",
                                               "skipped", "pending")),
-                      run["error"] or "")
+                      error_cell(run["error"]))
     out.print(table)
 
 
 def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
-              attempts: list[dict[str, Any]], totals: dict[str, int]) -> None:
-    """One run: its counts, its first changes, its unacknowledged delivery attempts."""
+              attempts: list[dict[str, Any]], totals: dict[str, int],
+              causes: list[dict[str, Any]] | None = None) -> None:
+    """One run: its counts, its first changes, its unacknowledged delivery attempts
+    (grouped by cause first, when `causes` are given)."""
     title = Text(f"run {run['id']} · {run['trigger']} · ")
     title.append_text(_status(run["status"]))
     out.print(title)
@@ -111,6 +138,7 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
               f"pending after the run {run['pending']}, rows ignored {run['rows_ignored']}")
     if run["status"] == "halted":
         out.print("halted by the safety guard: this run kept and sent nothing")
+    print_left_out(out, run)
     if run["error"]:
         out.print(Text(f"error: {run['error']}", style="red"))
     if changes:
@@ -123,6 +151,8 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
         _more(out, len(changes), totals["changes"], "changes")
     acknowledged = totals["deliveries"] - totals["unacknowledged"]
     out.print(f"{totals['deliveries']} delivery attempts, {acknowledged} acknowledged")
+    if causes:
+        print_causes(out, causes)
     if attempts:
         table = Table("user", "attempt", "sent at", "status", "outcome", "ms", "error",
                       title="attempts not acknowledged", title_justify="left")
@@ -133,6 +163,26 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
                           d["error"] or "")
         out.print(table)
         _more(out, len(attempts), totals["unacknowledged"], "attempts not acknowledged")
+
+
+def print_left_out(out: Console, run: dict[str, Any]) -> None:
+    """How many bodies of a run went without a field that failed validation."""
+    parts = [f"{label} left out: {run[key]}" for key, label in
+             (("emails_left_out", "emails"), ("linked_in_left_out", "linked_in"))
+             if run.get(key)]
+    if parts:
+        out.print(", ".join(parts) + " (invalid values; the notes of the changes say which)")
+
+
+def print_causes(out: Console, causes: list[dict[str, Any]]) -> None:
+    """The attempts not acknowledged, grouped by cause, most frequent first."""
+    table = Table(title="attempts not acknowledged, by cause", title_justify="left")
+    table.add_column("cause", overflow="fold")
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("updates", justify="right", no_wrap=True)
+    for item in causes:
+        table.add_row(item["cause"], str(item["attempts"]), str(item["updates"]))
+    out.print(table)
 
 
 def print_user(out: Console, data: dict[str, Any]) -> None:

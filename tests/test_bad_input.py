@@ -108,7 +108,11 @@ CASES = [
     Case("trait-query-without-value", nothing, {}, status=1,
          extra=extra_entry("traits", "No Value", "SELECT user_id, trait FROM traits"),
          message=['trait "No Value": query returned columns (user_id, trait) but needs '
-                  "value"]),
+                  "value; alias it, e.g. SELECT trait AS value"]),
+    Case("trait-query-without-value-or-user-id", nothing, {}, status=1,
+         extra=extra_entry("traits", "Sums", "SELECT 'u0' AS id, 5 AS amount"),
+         message=['trait "Sums": query returned columns (id, amount) but needs user_id, '
+                  "value; alias them, e.g. SELECT id AS user_id, amount AS value"]),
     Case("upper-case-columns-match", nothing, {"u0": {"upper": 7}},
          extra=extra_entry("traits", "Upper", "SELECT 'u0' AS USER_ID, 7 AS VALUE")),
     Case("json-types-kept", trait({"i": 3, "f": 2.5, "t": "gold", "big": 2**62, "neg": -4,

@@ -381,7 +381,8 @@ def test_webhook_from_environment_needs_no_destination_section(files):
 
 def test_state_database_defaults_to_sqlite_file(files):
     path = write(files, swap('[database]\nurl = "{state}"\n', ""))
-    assert load_config(path, env={}).database_url == DEFAULT_DATABASE_URL
+    default = DEFAULT_DATABASE_URL.replace("sqlite:///", f"sqlite:///{path.parent}/")
+    assert load_config(path, env={}).database_url == default
 
 
 def test_no_entries_is_allowed(files):

@@ -6,15 +6,19 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.contact import (
     CONTACT_FIELDS,
+    NOTE_EMAIL,
+    NOTE_LINKED_IN,
     SKIP_EMPTY,
     SKIP_NO_ID,
     build_contact,
     is_valid_email,
+    is_valid_uri,
     with_sent_at,
 )
 
@@ -27,11 +31,16 @@ SENT = datetime(2026, 11, 24, 23, 9, 21, tzinfo=UTC)
 blankish = st.sampled_from(["", " ", "\t", "\n  "])
 text = st.text(max_size=30) | blankish
 maybe = st.none() | text
-emails = st.sampled_from(["ann@example.com", "not an email", "a@b", "@example.com",
-                          "ünï@exämple.com", ""])
+VALID_EMAILS = ["ann@example.com", "jane@acme.local"]
+INVALID_EMAILS = ["not an email", "a@b", "@example.com", "ünï@exämple.com", "josé@acme.com"]
+VALID_LINKS = ["https://linkedin.com/in/jane", "http://www.linkedin.com/in/j%C3%A9"]
+INVALID_LINKS = ["linkedin.com/in/jane", "https://linkedin.com/in/josé", "in/jane"]
+emails = st.sampled_from([*VALID_EMAILS, *INVALID_EMAILS, ""])
+links = st.sampled_from([*VALID_LINKS, *INVALID_LINKS, ""])
 profiles = st.fixed_dictionaries({}, optional={
     **dict.fromkeys(CONTACT_FIELDS, maybe),
     "email": st.none() | emails,
+    "linked_in": st.none() | links,
     "company_id": maybe, "company_name": maybe,
 })
 values = (st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -114,17 +123,27 @@ def test_without_custom_attributes_no_custom_key(profile):
     assert "custom" not in body
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(profiles)
-def test_invalid_email_is_left_out_with_the_reason(profile):
+def test_invalid_email_and_linked_in_are_left_out_with_the_reason(profile):
+    """The rest of the body is sent; the note and `left_out` say what was left out."""
     contact = build_contact("m", OBSERVED, "u1", profile, [("k", 1)], True)
     body = sent_body(contact.text)
-    email = profile.get("email")
-    if email in ("not an email", "a@b", "@example.com"):
-        assert "email" not in body
-        assert contact.note is not None and "email is not a valid address" in contact.note
-    elif email:
-        assert body["email"] == email and contact.note is None
+    expected_left_out = []
+    for field, valid, invalid, note in (("email", VALID_EMAILS, INVALID_EMAILS, NOTE_EMAIL),
+                                        ("linked_in", VALID_LINKS, INVALID_LINKS,
+                                         NOTE_LINKED_IN)):
+        value = profile.get(field)
+        if value in invalid:
+            assert field not in body
+            assert contact.note is not None and note in contact.note
+            expected_left_out.append(field)
+        elif value in valid:
+            assert body[field] == value
+            assert note not in (contact.note or "")
+    assert contact.left_out == tuple(expected_left_out)
+    assert (contact.note is None) == (not expected_left_out)
+    assert body["user_id"] == "u1" and body["custom"] == [{"key": "k", "value": 1}]
 
 
 def test_non_ascii_and_long_values_survive_untouched():
@@ -137,14 +156,134 @@ def test_non_ascii_and_long_values_survive_untouched():
     assert body["custom"] == [{"key": "k", "value": "ñ" * 5000}]
 
 
-@settings(max_examples=400)
-@given(st.from_regex(r"[A-Za-z0-9_+.\-]{1,20}@([A-Za-z0-9\-]{1,12}\.){1,3}[A-Za-z0-9]{1,8}",
-                     fullmatch=True))
-def test_fast_email_check_agrees_with_email_validator(address):
-    from email_validator import EmailNotValidError, validate_email
-    try:
-        validate_email(address, check_deliverability=False)
-        expected = True
-    except EmailNotValidError:
-        expected = False
-    assert is_valid_email(address) is expected
+# Cases from ajv-formats' own tests (tests/extras/propertyNames.json and $data/format.json)
+# and from the JSON-Schema-Test-Suite draft7 optional/format/email.json they run, then
+# the SPEC's examples and the edges of the "full" pattern.
+EMAIL_CASES = [
+    ("joe.bloggs@example.com", True),
+    ("joe.bloggs@123.24-7-examples.com", True),
+    ("2962", False),
+    ("foo@example.com", True),
+    ("bar.baz@email.example.com", True),
+    ("foo", False),
+    ("jane@acme.local", True),
+    ("josé@acme.com", False),
+    ("jane@acmé.com", False),
+    ("Jane.Doe@ACME.COM", True),
+    ("a!#$%&'*+/=?^_`{|}~-z@example.com", True),
+    ("jane@localhost", False),          # the full pattern needs a dot in the domain
+    ("jane..doe@example.com", False),
+    (".jane@example.com", False),
+    ("jane.@example.com", False),
+    ("jane@-acme.com", False),
+    ("jane@acme-.com", False),
+    ("jane@acme..com", False),
+    ("jane@acme.com.", False),
+    ('"jane doe"@example.com', False),  # no quoted local parts
+    ("jane@[127.0.0.1]", False),        # no address literals
+    ("jane doe@example.com", False),
+    ("jane@example.com\n", False),
+    ("jane@example.com ", False),
+    ("jane@ex_ample.com", False),
+    ("jane@" + "a" * 64 + ".com", True),  # no length limits in the pattern
+    ("jane@example.c-m", True),
+    ("jane@1.2", True),
+    ("\u212a@example.com", False),       # the Kelvin sign is not a K
+]
+
+
+@pytest.mark.parametrize("address, valid", EMAIL_CASES, ids=[a for a, _ in EMAIL_CASES])
+def test_email_format_is_ajv_formats_full(address, valid):
+    assert is_valid_email(address) is valid
+
+
+# ajv-formats tests/extras/format.json ("format: uri") and the JSON-Schema-Test-Suite draft7
+# optional/format/uri.json, then the SPEC's examples.
+URI_CASES = [
+    ("urn:isbn:978-3-531-18621-4", True),
+    ("/abc", False),
+    ("http://foo.bar/?baz=qux#quux", True),
+    ("http://foo.com/blah_(wikipedia)_blah#cite-1", True),
+    ("http://foo.bar/?q=Test%20URL-encoded%20stuff", True),
+    ("http://xn--nw2a.xn--j6w193g/", True),
+    ("http://-.~_!$&'()*+,;=:%40:80%2f::::::@example.com", True),
+    ("http://223.255.255.254", True),
+    ("ftp://ftp.is.co.za/rfc/rfc1808.txt", True),
+    ("ldap://[2001:db8::7]/c=GB?objectClass?one", True),
+    ("mailto:John.Doe@example.com", True),
+    ("news:comp.infosystems.www.servers.unix", True),
+    ("tel:+1-816-555-1212", True),
+    ("urn:oasis:names:specification:docbook:dtd:xml:4.1.2", True),
+    ("//foo.bar/?baz=qux#quux", False),
+    ("\\\\WINDOWS\\fileshare", False),
+    ("abc", False),
+    ("http:// shouldfail.com", False),
+    (":// should fail", False),
+    ("bar,baz:foo", False),
+    ("https://[@example.org/test.txt", False),
+    ("https://example.org/foobar®.txt", False),
+    ("https://example.org/foobar\\.txt", False),
+    ('https://example.org/foobar".txt', False),
+    ("https://example.org/foobar<>.txt", False),
+    ("https://example.org/foobar{}.txt", False),
+    ("https://example.org/foobar^.txt", False),
+    ("https://example.org/foobar`.txt", False),
+    ("https://example.org/foo bar.txt", False),
+    ("https://example.org/foobar|.txt", False),
+    ("http://087.10.0.1/", True),
+    ("http://999.999.999.999/", True),
+    ("http://example.com/%6G", False),
+    ("http://example.com/%A", False),
+    ("http://example.com/%", False),
+    ("1http://example.com", False),
+    ("ht_tp://example.com", False),
+    # ajv accepts it (one slash, an empty host, then a path); newer suites do not.
+    ("http://example.com:abc/path", True),
+    ("https://linkedin.com/in/jane", True),
+    ("linkedin.com/in/jane", False),
+    ("www.linkedin.com/in/jane", False),
+    ("HTTPS://LinkedIn.com/in/Jane", True),
+    ("https://linkedin.com/in/jane\n", False),
+    ("https://[::1]:8080/x", True),
+    ("https://[::1/x", False),
+]
+
+
+@pytest.mark.parametrize("value, valid", URI_CASES, ids=[v for v, _ in URI_CASES])
+def test_linked_in_format_is_ajv_formats_uri(value, valid):
+    assert is_valid_uri(value) is valid
+
+
+_ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
+_LABEL = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,10}[A-Za-z0-9])?", fullmatch=True)
+addresses = st.builds(
+    lambda local, labels: ".".join(local) + "@" + ".".join(labels),
+    st.lists(st.text(_ATEXT, min_size=1, max_size=8), min_size=1, max_size=3),
+    st.lists(_LABEL, min_size=2, max_size=4))
+
+
+@settings(max_examples=300)
+@given(addresses)
+def test_every_address_of_the_full_grammar_is_valid(address):
+    assert is_valid_email(address)
+
+
+@settings(max_examples=300)
+@given(addresses, st.integers(min_value=0), st.characters(min_codepoint=128))
+def test_a_non_ascii_character_anywhere_makes_an_address_invalid(address, where, char):
+    at = where % (len(address) + 1)
+    assert not is_valid_email(address[:at] + char + address[at:])
+
+
+@settings(max_examples=300)
+@given(addresses)
+def test_an_address_without_a_dot_in_its_domain_is_invalid(address):
+    local, _, domain = address.partition("@")
+    assert not is_valid_email(f"{local}@{domain.replace('.', '')}")
+
+
+@settings(max_examples=300)
+@given(st.from_regex(r"https?://[A-Za-z0-9.\-]{1,12}(/[A-Za-z0-9._~\-]{0,8}){0,3}", fullmatch=True))
+def test_the_fast_path_for_plain_web_addresses_accepts_only_what_the_uri_pattern_does(url):
+    from reconciler.contact import _URI
+    assert is_valid_uri(url) and _URI.fullmatch(url) is not None

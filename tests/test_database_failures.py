@@ -86,7 +86,6 @@ class SourceCase:
 
 SOURCE_CASES = [
     SourceCase("unreachable-server", lambda s: PG_SERVER.rsplit(":", 1)[0] + ":1/warehouse",
-               "source database postgresql+psycopg://postgres:***@127.0.0.1:1/warehouse: "
                "connection failed: "),
     SourceCase("missing-database", lambda s: PG_SERVER + "/no_such_warehouse",
                'database "no_such_warehouse" does not exist'),
@@ -94,8 +93,9 @@ SOURCE_CASES = [
                "unable to open database file; check the path: the file must exist",
                absent="typo.db"),
     SourceCase("failing-query", None,
-               'source database sqlite:///{warehouse}: audience "Broken": query failed: '
-               "no such table: no_such_table", query="SELECT user_id FROM no_such_table"),
+               'audience "Broken": query failed: no such table: no_such_table '
+               "(source database sqlite:///{warehouse})",
+               query="SELECT user_id FROM no_such_table"),
     SourceCase("query-of-a-state-table", None,
                'audience "Broken": query failed: no such table: acked',
                query="SELECT user_id FROM acked"),
@@ -153,7 +153,7 @@ def test_source_failure_in_a_dry_run_leaves_no_run_behind(history, case: SourceC
 @pytest.mark.parametrize("command", [["sync"], ["resync"], ["migrate"], ["history"]])
 @pytest.mark.parametrize("url, message", [
     (PG_SERVER.rsplit(":", 1)[0] + ":1/state",
-     "state database postgresql+psycopg://postgres:***@127.0.0.1:1/state: connection failed"),
+     "connection failed: "),
     (PG_SERVER + "/no_such_state", 'database "no_such_state" does not exist'),
     ("sqlite:///{tmp}/no/such/dir/state.db",
      "unable to open database file; check that the directory exists and is writable"),
@@ -162,8 +162,13 @@ def test_unreachable_state_database(tmp_path, warehouse, receiver, command, url,
     setup = Setup(tmp_path, url.replace("{tmp}", str(tmp_path)), warehouse, receiver)
     warehouse.members("High Value Users", "u1")
     line = one_line(cli(*command, "--config", str(setup.write())))
-    assert line.startswith("reconciler: state database ") and message in line
+    assert message in line and line.endswith(_state_database(setup.state_url))
     assert receiver.bodies() == []
+
+
+def _state_database(url: str) -> str:
+    """How a message names the state database: last, password masked."""
+    return f"(state database {url.replace(':' + PASSWORD + '@', ':***@')})"
 
 
 @pytest.fixture
@@ -186,8 +191,8 @@ def test_locked_state_file(sqlite_history, command):
     before, runs = durable_state(engine), run_count(engine)
     with sqlite_lock(setup.tmp_path / "state.db", "IMMEDIATE"):
         line = one_line(cli(*command, "--config", str(path)))
-    assert line.startswith(f"reconciler: state database {setup.state_url}?timeout=0.2: "
-                           "database is locked; another program holds a lock")
+    assert line.startswith("reconciler: database is locked; another program holds a lock")
+    assert line.endswith(f"(state database {setup.state_url}?timeout=0.2)")
     assert setup.receiver.bodies() == []
     assert (durable_state(engine), run_count(engine)) == (before, runs)
 
@@ -212,9 +217,9 @@ def test_read_only_state_file(sqlite_history, command):
     with immutable(setup.tmp_path / "state.db"):
         line = one_line(cli(*command, "--config", str(path)))
         reading = cli("history", "--json", "--config", str(path))
-    assert line.startswith("reconciler: state database ") and (
-        "attempt to write a readonly database; make the file and its directory writable"
-        in line)
+    assert line.startswith("reconciler: attempt to write a readonly database; make the file "
+                           "and its directory writable") and line.endswith(
+        f"(state database {setup.state_url}?timeout=0.2)")
     assert reading.exit_code == 0, "reading history needs no write access"
     assert setup.receiver.bodies() == []
     assert (durable_state(engine), run_count(engine)) == (before, runs)
