@@ -205,7 +205,8 @@ query = "SELECT user_id, nextval('bumps') FROM members"
     found = lines(result)
     assert found["source database"].startswith("ok (postgresql+psycopg://")
     assert found['audience "Bumper"'].startswith(
-        "query failed: cannot execute nextval() in a read-only transaction")
+        "query tried to change the source, and source queries are read-only: "
+        "cannot execute nextval() in a read-only transaction")
     with psycopg.connect(pg_url.replace("+psycopg", "")) as conn:
         assert conn.execute("SELECT last_value, is_called FROM bumps").fetchone() == (1, False)
 
