@@ -78,8 +78,11 @@ def test_history_json_is_an_array_of_runs_newest_first(history):
 def test_history_text_is_a_table_of_runs(history):
     result = cli(history, "history")
     assert result.exit_code == 0
-    rows = [[cell.strip() for cell in line.split("│")[1:-1]]
-            for line in result.stdout.splitlines() if line.startswith("│")]
+    lines = result.stdout.splitlines()
+    header = next(n for n, line in enumerate(lines) if line.startswith("run "))
+    assert lines[header].split()[:3] == ["run", "trigger", "status"]
+    assert set(lines[header + 1].strip()) == {"─"}
+    rows = [line.split() for line in lines[header + 2:] if line.strip()]
     assert [row[:3] for row in rows] == [["2", "manual", "succeeded"],
                                          ["1", "manual", "partial"]]
 
