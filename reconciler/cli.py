@@ -3,6 +3,8 @@
 Each command loads the config once, migrates the state database, calls one core
 function, prints, and maps our errors to the exit statuses of SPEC §4 (one line on
 stderr, never a traceback; RECONCILER_DEBUG=1 shows one for unexpected errors).
+Output cut short by its reader (`reconciler history | head -1`) ends the command
+quietly with status 141, as a process killed by SIGPIPE reports in a shell.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from .retention import prune_now
 from .run import DryRunReport, RunOptions, RunResult, dry_run, sync
 
 F = TypeVar("F", bound=Callable[..., Any])
+# 128 + SIGPIPE: what a shell reports for `cat big | head -1`, seen by `set -o pipefail`
+BROKEN_PIPE_STATUS = 141
 
 config_option = click.option(
     "--config", "config_file", metavar="PATH",
@@ -50,7 +54,12 @@ def _handle_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            try:
+                return command(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        except BrokenPipeError:
+            _quiet_after_broken_pipe()
         except ReconcilerError as exc:
             click.echo(f"reconciler: {_redact(str(exc))}", err=True)
             sys.exit(exc.exit_status)
@@ -64,6 +73,18 @@ def _handle_errors(command: F) -> F:
                        f"{_redact(str(exc))}", err=True)
             sys.exit(1)
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_after_broken_pipe() -> None:
+    """The reader of our output has gone: say nothing more and exit 141.
+
+    What is left in stdout's buffer goes to /dev/null, so flushing it at exit cannot
+    fail again (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(BROKEN_PIPE_STATUS)
 
 
 def _redact(text: str) -> str:
@@ -91,13 +112,31 @@ def _setup(config_file: str | None,
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    """Written in pieces of about 64 KiB: one huge write into a pipe whose reader has
+    gone would be cut short silently, where a later piece fails as it should."""
+    encoder = json.JSONEncoder(indent=2, ensure_ascii=False, default=str)
+    pieces: list[str] = []
+    size = 0
+    for piece in encoder.iterencode(data):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= 1 << 16:
+            sys.stdout.write("".join(pieces))
+            pieces, size = [], 0
+    sys.stdout.write("".join(pieces) + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", metavar="PATH",
+              help="Config file for the command (a --config after the command's name wins).")
 @click.version_option(package_name="reconciler")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None) -> None:
     """Sync SQL audiences and computed traits to ChartMogul's Send Contact webhook."""
+    if config_file is not None:
+        # The default of every command's own --config, so one given there still wins.
+        ctx.default_map = {**(ctx.default_map or {}),
+                           **{name: {"config_file": config_file} for name in main.commands}}
 
 
 @main.command("migrate")
@@ -335,7 +374,8 @@ def _print_result(result: RunResult, as_json: bool) -> None:
     click.echo(
         f"run {result.run_id} {result.status}: {result.users_seen} users seen, "
         f"{result.users_changed} changed (entered {result.entered}, exited {result.exited}, "
-        f"traits {result.traits_changed}); sent {result.sent}, failed {result.failed}, "
+        f"traits {result.traits_changed}{_resent(result.resent)}); sent {result.sent}, "
+        f"failed {result.failed}, "
         f"skipped {result.skipped}, pending {result.pending}"
         + (f"; ignored {result.rows_ignored} rows without user_id" if result.rows_ignored
            else "")
@@ -345,11 +385,17 @@ def _print_result(result: RunResult, as_json: bool) -> None:
         + (f"; error: {result.error}" if result.error else ""))
 
 
+def _resent(count: int) -> str:
+    """Values sent again as acknowledged (a resync, an uncertain key): not changes."""
+    return f", resent {count} unchanged" if count else ""
+
+
 def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
     data = {"users_seen": report.users_seen, "users_changed": report.counts.users,
             "entered": report.counts.entered, "exited": report.counts.exited,
             "traits_changed": report.counts.traits_changed, "skipped": report.counts.skipped,
-            "still_pending": report.kept, "rows_ignored": report.rows_ignored,
+            "resent": report.resent, "still_pending": report.kept,
+            "rows_ignored": report.rows_ignored,
             "failed_entries": report.failed_entries, "sample": report.sample,
             "guard": report.guard.as_dict()}
     if as_json:
@@ -357,9 +403,12 @@ def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
         return
     click.echo(f"dry run: {report.users_seen} users seen; would send {report.counts.users} "
                f"updates (entered {report.counts.entered}, exited {report.counts.exited}, "
-               f"traits {report.counts.traits_changed}, skipped {report.counts.skipped}); "
+               f"traits {report.counts.traits_changed}{_resent(report.resent)}, "
+               f"skipped {report.counts.skipped}); "
                f"{report.kept} earlier updates kept as they are (pending, or rejected and "
-               "waiting for a change)")
+               "waiting for a change)"
+               + (f"; ignored {report.rows_ignored} rows without user_id" if report.rows_ignored
+                  else ""))
     for key, error in report.failed_entries.items():
         click.echo(f"  entry {key} failed: {error}")
     if report.guard.halted:
@@ -368,7 +417,14 @@ def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
     for trip in report.guard.accepted:
         click.echo(f"accepted by --accept-exits: {trip.describe()}")
     for item in report.sample:
-        click.echo(f"  {item['status']}: {json.dumps(item['body'], ensure_ascii=False)}")
+        click.echo(f"  {_sample_label(item)}: {json.dumps(item['body'], ensure_ascii=False)}")
+
+
+def _sample_label(item: dict[str, Any]) -> str:
+    """`would send` or `would skip`, with the note of the body (why it is skipped, what
+    was left out of it)."""
+    verb = "would skip" if item["status"] == "skipped" else "would send"
+    return f"{verb} ({item['note']})" if item["note"] else verb
 
 
 if __name__ == "__main__":

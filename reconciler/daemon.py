@@ -77,7 +77,10 @@ def trigger_for(schedule: Schedule) -> Any:
 def describe(schedule: Schedule) -> str:
     if schedule.cron is not None:
         return f'cron "{schedule.cron}" (UTC)'
-    return f"every {schedule.interval_minutes:g} minutes"
+    minutes = float(schedule.interval_minutes or 0)
+    if minutes == 1:
+        return "every minute"
+    return f"every {int(minutes) if minutes.is_integer() else minutes} minutes"
 
 
 def build_scheduler(schedule: Schedule, job: Callable[[], Any],
@@ -124,11 +127,16 @@ def run_once(config: Config, engine: Engine, options: RunOptions,
     return result
 
 
+def _resent(count: int) -> str:
+    return f", resent {count} unchanged" if count else ""
+
+
 def _log_run(result: RunResult, trigger: str, seconds: float) -> None:
     message = (f"run {result.run_id} {result.status} in {seconds:.1f}s: "
                f"{result.users_seen} users seen, {result.users_changed} changed "
                f"(entered {result.entered}, exited {result.exited}, traits "
-               f"{result.traits_changed}); sent {result.sent}, failed {result.failed}, "
+               f"{result.traits_changed}{_resent(result.resent)}); sent {result.sent}, "
+               f"failed {result.failed}, "
                f"skipped {result.skipped}, pending {result.pending}")
     if result.status == "halted":
         message = (f"run {result.run_id} halted in {seconds:.1f}s: {result.users_seen} "

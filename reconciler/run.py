@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,6 +57,7 @@ from .snapshot import (
     load_profile,
     take_snapshot,
 )
+from .source import TRUE
 from .source_snapshot import begin_snapshot
 
 PAGE = 200  # updates marked dispatched at a time, a little ahead of the senders
@@ -82,6 +83,7 @@ class RunResult:
     skipped: int = 0
     pending: int = 0
     rows_ignored: int = 0
+    resent: int = 0
     error: str | None = None
     guard: Verdict | None = None  # the safety guard's verdict, once the diff was judged
     emails_left_out: int = 0
@@ -105,6 +107,7 @@ class DryRunReport:
     failed_entries: dict[str, str]
     sample: list[dict[str, Any]] = field(default_factory=list)
     guard: Verdict = field(default_factory=Verdict)
+    resent: int = 0
 
     @property
     def exit_status(self) -> int:
@@ -207,7 +210,7 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
             verdict = check_exits(state, config.safety, audience_keys(config), accept_exits)
             planned = fill_plan(state, observed_at, None, config.destination.custom_attributes,
                                 max_users=sample_size if fast else None)
-            counts = count_diff(state) if fast else planned
+            counts, resent = _split_resent(state, count_diff(state) if fast else planned)
             kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
             rows = state.exec_driver_sql(
                 "SELECT body, status, note FROM plan ORDER BY seq LIMIT "
@@ -220,7 +223,21 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
     sample = [{"status": status, "note": note, "body": json.loads(body)}
               for body, status, note in rows]
     return DryRunReport(snapshot.users_seen, counts, kept, snapshot.rows_ignored,
-                        {k: str(e) for k, e in snapshot.failed.items()}, sample, verdict)
+                        {k: str(e) for k, e in snapshot.failed.items()}, sample,
+                        guard=verdict, resent=resent)
+
+
+def _split_resent(state: Connection, counts: PlanCounts) -> tuple[PlanCounts, int]:
+    """`counts` without the values re-sent as acknowledged (a resync, an uncertain key),
+    and how many those are: `entered`, `exited` and `traits_changed` count changes."""
+    entered, exited, traits = state.exec_driver_sql(f"""
+        SELECT SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN kind = 'audience' AND new_value <> '{TRUE}' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
+        FROM diff WHERE old_value = new_value""").one()
+    entered, exited, traits = entered or 0, exited or 0, traits or 0
+    return replace(counts, entered=counts.entered - entered, exited=counts.exited - exited,
+                   traits_changed=counts.traits_changed - traits), entered + exited + traits
 
 
 def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
@@ -274,8 +291,9 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
                                    options.accept_exits)
         if result.guard.halted:
             _halt(state, run_id, observed_at, snapshot, options, result)
-        counts = fill_plan(state, observed_at, run_id if options.resync_keys else None,
-                           config.destination.custom_attributes)
+        counts, result.resent = _split_resent(state, fill_plan(
+            state, observed_at, run_id if options.resync_keys else None,
+            config.destination.custom_attributes))
         # End the long read transaction before writing: on SQLite, a transaction that
         # read the main database before another connection (the lock's lease renewal)
         # committed can never write ("database is locked", whatever the busy timeout).
@@ -291,7 +309,8 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
         update_run(state, run_id, snapshot_at=observed_at, users_seen=result.users_seen,
                    users_changed=counts.users, entered=counts.entered, exited=counts.exited,
                    traits_changed=counts.traits_changed, skipped=counts.skipped,
-                   rows_ignored=snapshot.rows_ignored, source_snapshot=snapshot.source.id)
+                   rows_ignored=snapshot.rows_ignored, resent=result.resent,
+                   source_snapshot=snapshot.source.id)
         state.commit()
         drop_temp_tables(state)
         state.commit()

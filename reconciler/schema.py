@@ -95,6 +95,7 @@ sync_runs = Table(
     Column("rows_ignored", Integer, nullable=False, default=0),
     Column("pending", Integer, nullable=False, default=0),
     Column("resync_key", KEY),
+    Column("resent", Integer, nullable=False, default=0),
     Column("error", Text),
 )
 

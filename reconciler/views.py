@@ -8,6 +8,7 @@ to get them all (`--json`); times are UTC.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,17 +20,22 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     SpinnerColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
 )
 from rich.progress import Progress as ProgressDisplay
-from rich.table import Table
 from rich.text import Text
 
 from .db import FIX_HINTS
 from .run import Progress
+from .tables import NUMBER, TEXT, Column, print_table
 
 ROWS = 50
+# sync_runs count → its history column
+RUN_COUNTS = {"users_seen": "seen", "users_changed": "changed", "entered": "in",
+              "exited": "out", "traits_changed": "traits", "resent": "resent", "sent": "sent",
+              "failed": "failed", "skipped": "skipped", "pending": "pending"}
 STATUS_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "running": "cyan",
                 "halted": "bold red",
                 "sent": "green", "skipped": "dim", "pending": "yellow", "rejected": "red",
@@ -37,12 +43,39 @@ STATUS_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "run
                 "error": "red"}
 
 
+CHANGE_COLUMNS = [Column("user"), Column("key"), Column("old", TEXT), Column("new", TEXT),
+                  Column("update"), Column("note", TEXT)]
+ATTEMPT_COLUMNS = [Column("user"), Column("attempt", NUMBER), Column("sent at"),
+                   Column("status", NUMBER), Column("outcome"), Column("ms", NUMBER),
+                   Column("error", TEXT)]
+CAUSE_COLUMNS = [Column("cause", TEXT), Column("attempts", NUMBER), Column("updates", NUMBER)]
+STATE_COLUMNS = [Column("key"), Column("acknowledged value", TEXT), Column("since (UTC)")]
+# changes and attempts carry values and run ids: they wrap between items, never inside one
+TIMELINE_COLUMNS = [Column("run", NUMBER), Column("observed (UTC)"), Column("update"),
+                    Column("changes"), Column("attempts (run: status)"), Column("note", TEXT)]
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 here; the CLI ends quietly with its own status (cli.py).
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console() -> Console:
-    """A console for stdout; wide and colourless when stdout is not a terminal."""
+    """A console for stdout; colourless when stdout is not a terminal, and as wide as
+    $COLUMNS says, else 200."""
     probe = Console()
     if probe.is_terminal:
-        return Console(highlight=False)
-    return Console(highlight=False, width=200, no_color=True)
+        return _Console(highlight=False)
+    return _Console(highlight=False, width=_columns() or 200, no_color=True)
+
+
+def _columns() -> int | None:
+    try:
+        return max(int(os.environ.get("COLUMNS", "")), 20)
+    except ValueError:
+        return None
 
 
 def _when(stamp: str | None) -> str:
@@ -97,25 +130,17 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
     if not runs:
         out.print("no runs yet; `reconciler sync` starts one")
         return
-    table = Table(title="runs, newest first (UTC)", title_justify="left")
-    table.add_column("run", justify="right")
-    for name in ("trigger", "status", "started", "took"):
-        table.add_column(name, no_wrap=True)
-    for name in ("seen", "changed", "in", "out", "traits", "sent", "failed", "skipped",
-                 "pending"):
-        table.add_column(name, justify="right")
-    table.add_column("error", overflow="ellipsis", no_wrap=True, max_width=48)
+    columns = [Column("run", NUMBER), Column("trigger"), Column("status"),
+               Column("started"), Column("took"),
+               *(Column(name, NUMBER) for name in RUN_COUNTS.values()), Column("error", TEXT)]
+    rows = []
     for run in runs:
         trigger = run["trigger"]
         if run.get("resync_key") and run["resync_key"] != "*":
             trigger += f" ({run['resync_key']})"
-        table.add_row(str(run["id"]), trigger, _status(run["status"]),
-                      _when(run["started_at"]), _took(run),
-                      *(str(run[k]) for k in ("users_seen", "users_changed", "entered",
-                                              "exited", "traits_changed", "sent", "failed",
-                                              "skipped", "pending")),
-                      error_cell(run["error"]))
-    out.print(table)
+        rows.append([str(run["id"]), trigger, _status(run["status"]), _when(run["started_at"]),
+                     _took(run), *(str(run[k]) for k in RUN_COUNTS), error_cell(run["error"], 160)])
+    print_table(out, columns, rows, title="runs, newest first (UTC)")
 
 
 def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
@@ -133,7 +158,8 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
                   + (f" (snapshot {run['source_snapshot']})" if run.get("source_snapshot")
                      else ""))
     out.print(f"users seen {run['users_seen']}, changed {run['users_changed']} (entered "
-              f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']})")
+              f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']}, "
+              f"resent unchanged {run['resent']})")
     out.print(f"sent {run['sent']}, failed {run['failed']}, skipped {run['skipped']}, "
               f"pending after the run {run['pending']}, rows ignored {run['rows_ignored']}")
     if run["status"] == "halted":
@@ -142,26 +168,20 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
     if run["error"]:
         out.print(Text(f"error: {run['error']}", style="red"))
     if changes:
-        table = Table("user", "key", "old", "new", "update", "note", title="changes",
-                      title_justify="left")
-        for c in changes:
-            table.add_row(c["user_id"], c["key"], _json(c["old_value"]),
-                          _json(c["new_value"]), _status(c["status"]), c["note"] or "")
-        out.print(table)
+        print_table(out, CHANGE_COLUMNS, [
+            [c["user_id"], c["key"], _json(c["old_value"]), _json(c["new_value"]),
+             _status(c["status"]), c["note"] or ""] for c in changes], title="changes")
         _more(out, len(changes), totals["changes"], "changes")
     acknowledged = totals["deliveries"] - totals["unacknowledged"]
     out.print(f"{totals['deliveries']} delivery attempts, {acknowledged} acknowledged")
     if causes:
         print_causes(out, causes)
     if attempts:
-        table = Table("user", "attempt", "sent at", "status", "outcome", "ms", "error",
-                      title="attempts not acknowledged", title_justify="left")
-        for d in attempts:
-            table.add_row(d["user_id"], str(d["attempt"]), _when(d["sent_at"]),
-                          str(d["status_code"] or ""), _status(d["outcome"]),
-                          f"{d['latency_ms']:.0f}" if d["latency_ms"] is not None else "",
-                          d["error"] or "")
-        out.print(table)
+        print_table(out, ATTEMPT_COLUMNS, [
+            [d["user_id"], str(d["attempt"]), _when(d["sent_at"]), str(d["status_code"] or ""),
+             _status(d["outcome"]),
+             f"{d['latency_ms']:.0f}" if d["latency_ms"] is not None else "", d["error"] or ""]
+            for d in attempts], title="attempts not acknowledged")
         _more(out, len(attempts), totals["unacknowledged"], "attempts not acknowledged")
 
 
@@ -176,49 +196,49 @@ def print_left_out(out: Console, run: dict[str, Any]) -> None:
 
 def print_causes(out: Console, causes: list[dict[str, Any]]) -> None:
     """The attempts not acknowledged, grouped by cause, most frequent first."""
-    table = Table(title="attempts not acknowledged, by cause", title_justify="left")
-    table.add_column("cause", overflow="fold")
-    table.add_column("attempts", justify="right", no_wrap=True)
-    table.add_column("updates", justify="right", no_wrap=True)
-    for item in causes:
-        table.add_row(item["cause"], str(item["attempts"]), str(item["updates"]))
-    out.print(table)
+    print_table(out, CAUSE_COLUMNS,
+                [[item["cause"], str(item["attempts"]), str(item["updates"])]
+                 for item in causes],
+                title="attempts not acknowledged, by cause")
 
 
 def print_user(out: Console, data: dict[str, Any]) -> None:
     """A user's acknowledged state, then the newest part of their timeline."""
     user_id, acknowledged, timeline = data["user_id"], data["acknowledged"], data["timeline"]
     if not acknowledged and not timeline:
-        out.print(f'nothing recorded for user "{user_id}"')
+        out.print(Text(f'nothing recorded for user "{user_id}"'))
         return
     if acknowledged:
-        state = Table("key", "acknowledged value", "since (UTC)",
-                      title=f'user "{user_id}": acknowledged state', title_justify="left")
-        for key, item in acknowledged.items():
-            state.add_row(key, _json(item["value"]), _when(item["acked_at"]))
-        out.print(state)
+        print_table(out, STATE_COLUMNS, [
+            [key, _json(item["value"]), _when(item["acked_at"])]
+            for key, item in acknowledged.items()],
+            title=Text(f'user "{user_id}": acknowledged state'))
     else:
-        out.print(f'user "{user_id}": nothing acknowledged yet')
+        out.print(Text(f'user "{user_id}": nothing acknowledged yet'))
     shown = timeline[-ROWS:]
     if len(timeline) > len(shown):
         out.print(f"… {len(timeline) - len(shown)} older updates; --json prints them all",
                   style="dim")
-    table = Table("run", "observed (UTC)", "update", "changes", "attempts (run: status)",
-                  "note", title="timeline, oldest first", title_justify="left")
-    for u in shown:
-        table.add_row(str(u["run_id"]), _when(u["observed_at"]), _status(u["status"]),
-                      ", ".join(f"{c['key']}={_json(c['new_value'])}" for c in u["changes"]),
-                      ", ".join(f"{d['run_id']}: {d['status_code'] or d['outcome']}"
-                                for d in u["deliveries"]),
-                      u["note"] or "")
-    out.print(table)
+    print_table(out, TIMELINE_COLUMNS, [
+        [str(u["run_id"]), _when(u["observed_at"]), _status(u["status"]),
+         ", ".join(f"{c['key']}={_json(c['new_value'])}" for c in u["changes"]),
+         ", ".join(f"{d['run_id']}: {d['status_code'] or d['outcome']}"
+                   for d in u["deliveries"]),
+         u["note"] or ""] for u in shown], title="timeline, oldest first")
+
+
+class _CountColumn(MofNCompleteColumn):
+    """`done/total` once the total is known; nothing before (not `0/?`)."""
+
+    def render(self, task: Task) -> Text:
+        return Text("") if task.total is None else super().render(task)
 
 
 @contextmanager
 def progress_bar(out: Console) -> Iterator[Progress]:
     """A progress display for one run; yields the `RunOptions.progress` callback."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
+               _CountColumn(), TimeElapsedColumn())
     with ProgressDisplay(*columns, console=out, transient=True) as display:
         task = display.add_task("snapshot and diff", total=None)
 

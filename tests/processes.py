@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -16,15 +15,11 @@ from sqlalchemy import Engine, select
 
 from reconciler.schema import sync_runs
 
+from .helpers import clean_env
+
 RECONCILER = str(Path(sys.executable).parent / "reconciler")
 # Generous: these bound a wait for something that normally takes well under a second.
 PATIENCE = 60.0
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without variables that would override the test's config."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("RECONCILER_") and k != "CHARTMOGUL_WEBHOOK_URL"}
 
 
 def wait_for(what: str, predicate: Callable[[], Any], process: Daemon | None = None) -> Any:
@@ -85,3 +80,12 @@ def finished_runs(engine: Engine) -> list[Any]:
 def all_runs(engine: Engine) -> list[Any]:
     with engine.connect() as conn:
         return conn.execute(select(sync_runs).order_by(sync_runs.c.id)).all()
+
+
+def poll_until(condition: Callable[[], Any], timeout: float) -> bool:
+    """Poll `condition` every 5 ms for at most `timeout` seconds; whether it came true."""
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False

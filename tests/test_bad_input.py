@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select
 from reconciler.schema import acked, sync_runs, updates
 
 from .conftest import Setup, Warehouse
-from .test_config import cli
+from .helpers import cli
 
 HV = "high_value_users"
 LTV = "lifetime_value"

@@ -11,7 +11,7 @@ import subprocess
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from rich.console import Console
 from sqlalchemy import func, select
 
@@ -20,7 +20,9 @@ from reconciler.schema import sync_runs, updates
 from reconciler.views import progress_bar
 
 from .conftest import Setup
-from .processes import RECONCILER, clean_env, wait_for
+from .helpers import clean_env
+from .helpers import setup_cli as cli
+from .processes import RECONCILER, wait_for
 from .receiver import Reply
 
 RUN_FIELDS = {"id", "trigger", "status", "started_at", "finished_at", "users_seen",
@@ -31,10 +33,6 @@ CHANGE_FIELDS = {"user_id", "key", "kind", "old_value", "new_value", "message_id
 DELIVERY_FIELDS = {"user_id", "message_id", "attempt", "sent_at", "status_code", "outcome",
                    "latency_ms", "error"}
 HV = "high_value_users"
-
-
-def cli(setup: Setup, *args: str) -> Result:
-    return CliRunner().invoke(main, [*args, "--config", str(setup.tmp_path / "reconciler.toml")])
 
 
 @pytest.fixture
@@ -80,8 +78,11 @@ def test_history_json_is_an_array_of_runs_newest_first(history):
 def test_history_text_is_a_table_of_runs(history):
     result = cli(history, "history")
     assert result.exit_code == 0
-    rows = [[cell.strip() for cell in line.split("│")[1:-1]]
-            for line in result.stdout.splitlines() if line.startswith("│")]
+    lines = result.stdout.splitlines()
+    header = next(n for n, line in enumerate(lines) if line.startswith("run "))
+    assert lines[header].split()[:3] == ["run", "trigger", "status"]
+    assert set(lines[header + 1].strip()) == {"─"}
+    rows = [line.split() for line in lines[header + 2:] if line.strip()]
     assert [row[:3] for row in rows] == [["2", "manual", "succeeded"],
                                          ["1", "manual", "partial"]]
 

@@ -9,57 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 
-import reconciler.cli
-from reconciler.cli import main
 from reconciler.config import DEFAULT_DATABASE_URL, load_config
-from reconciler.db import state_engine
 from reconciler.errors import ConfigError
 from reconciler.schema import acked, sync_runs
 
 from .conftest import Setup, Warehouse
+from .helpers import assert_one_clean_line, cli
 from .receiver import Receiver
-
-ENV_VARS = ("RECONCILER_CONFIG", "RECONCILER_DATABASE_URL", "RECONCILER_SOURCE_URL",
-            "CHARTMOGUL_WEBHOOK_URL")
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> Result:
-    """Run the real command line in-process, with none of our variables inherited.
-
-    A process would drop its database connections on exit; in-process, the engines the
-    command made are disposed here instead.
-    """
-    environment: dict[str, str | None] = dict.fromkeys(ENV_VARS)
-    environment.update(env or {})
-    engines: list[Engine] = []
-
-    def tracked(url: str) -> Engine:
-        engines.append(state_engine(url))
-        return engines[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reconciler.cli, "state_engine", tracked)
-        try:
-            return CliRunner().invoke(main, list(args), env=environment)
-        finally:
-            for engine in engines:
-                engine.dispose()
-
-
-def assert_one_clean_line(result: Result, status: int) -> str:
-    """The command failed with `status` and said why in one stderr line, no traceback."""
-    assert result.exit_code == status, result.output
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception,
-                                                                       SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("reconciler: ")
-    return lines[0]
-
 
 BASE = """
     [database]

@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -37,12 +36,11 @@ from reconciler.run import RunOptions, sync
 from reconciler.schema import sync_runs, updates
 
 from .conftest import Setup
+from .helpers import clean_env
+from .model import HV, Source, replay
+from .processes import RECONCILER, poll_until
 from .receiver import Reply
 
-RECONCILER = Path(sys.executable).parent / "reconciler"
-HV, OC, LTV = "high_value_users", "order_completed_last_30_days", "lifetime_value"
-AUDIENCES = {HV: "High Value Users", OC: "Order Completed Last 30 Days"}
-USERS = [f"u{n:03d}" for n in range(240)]
 # An audience whose query takes a while (nobody is a member), so that kills land in
 # the snapshot too, not only before it or while sending.
 SLOW_AUDIENCE = """
@@ -53,84 +51,6 @@ query = '''WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE 
            JOIN members AS m ON m.audience = 'Slow' AND t.top > 0'''
 """
 TRIAL_TIMEOUT = 60.0
-CHILD_ENV = {k: v for k, v in os.environ.items() if k not in (
-    "RECONCILER_CONFIG", "RECONCILER_DATABASE_URL", "RECONCILER_SOURCE_URL",
-    "CHARTMOGUL_WEBHOOK_URL")}
-
-
-def custom(body: dict[str, Any]) -> dict[str, Any]:
-    return {item["key"]: item["value"] for item in body.get("custom", [])}
-
-
-@dataclass
-class Source:
-    """The test's copy of what the warehouse says, written through to it."""
-
-    setup: Setup
-    rng: random.Random
-    members: dict[str, set[str]] = field(default_factory=dict)
-    ltv: dict[str, int] = field(default_factory=dict)
-    next_value: int = 1
-
-    def fill(self) -> None:
-        for user in USERS:
-            self.setup.warehouse.user(user, email=f"{user}@example.com")
-        self.members = {key: {u for u in USERS if self.rng.random() < share}
-                        for key, share in ((HV, 0.4), (OC, 0.3))}
-        self.ltv = {u: self.new_value() for u in USERS if self.rng.random() < 0.5}
-        self.write()
-
-    def new_value(self) -> int:
-        self.next_value += 1
-        return self.next_value
-
-    def change(self, engine: Engine, count: int) -> None:
-        """Change `count` random users; users with a live update only get new trait values."""
-        with engine.connect() as conn:
-            live = set(conn.execute(select(updates.c.user_id).where(
-                updates.c.status.in_(("pending", "rejected")))).scalars())
-        for user in self.rng.sample(USERS, count):
-            if user not in live:
-                for key in self.members:
-                    if self.rng.random() < 0.4:
-                        self.members[key] ^= {user}
-            if self.rng.random() < 0.5:
-                self.ltv[user] = self.new_value()
-        self.write()
-
-    def write(self) -> None:
-        for key, users in self.members.items():
-            self.setup.warehouse.members(AUDIENCES[key], *sorted(users))
-        self.setup.warehouse.trait("Lifetime Value", self.ltv)
-
-    def lost(self, view: dict[str, dict[str, Any]]) -> list[str]:
-        """(user, key) pairs where the receiver's view differs from the source."""
-        wrong = []
-        for user in USERS:
-            seen = view.get(user, {})
-            for key, users in self.members.items():
-                if seen.get(key, False) is not (user in users):
-                    wrong.append(f"{user} {key}: source {user in users}, seen {seen.get(key)}")
-            if seen.get(LTV) != self.ltv.get(user):
-                wrong.append(f"{user} {LTV}: source {self.ltv.get(user)}, seen {seen.get(LTV)}")
-        return wrong
-
-
-def replay(bodies: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], int, int, int]:
-    """The receiver's view by arrival, and (repeated ids, no-op bodies, no-op with a new id)."""
-    view: dict[str, dict[str, Any]] = {}
-    ids: set[str] = set()
-    repeated = noop = noop_new_id = 0
-    for body in bodies:
-        seen = view.setdefault(body["user_id"], {})
-        changes = custom(body)
-        repeated += body["message_id"] in ids
-        if all(seen.get(k, object()) == v for k, v in changes.items()):
-            noop += 1
-            noop_new_id += body["message_id"] not in ids
-        ids.add(body["message_id"])
-        seen.update(changes)
-    return view, repeated, noop, noop_new_id
 
 
 @dataclass
@@ -144,21 +64,12 @@ class Figures:
 def spawn(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(RECONCILER), "sync", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=CHILD_ENV)
+                            env=clean_env())
 
 
 def last_run(engine: Engine) -> Any:
     with engine.connect() as conn:
         return conn.execute(select(sync_runs).order_by(sync_runs.c.id.desc()).limit(1)).first()
-
-
-def wait_for(condition: Any, timeout: float) -> bool:
-    """Poll `condition` every 5 ms for at most `timeout` seconds."""
-    for _ in range(int(timeout / 0.005)):
-        if condition():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def kill_trial(setup: Setup, engine: Engine, config: Path, rng: random.Random,
@@ -180,12 +91,12 @@ def kill_trial(setup: Setup, engine: Engine, config: Path, rng: random.Random,
     if how == "timer":  # process start, migration check, lock, or anything later
         time.sleep(rng.uniform(0.05, 1.0))
     elif how == "snapshot":
-        wait_for(lambda: child.poll() is not None or (
+        poll_until(lambda: child.poll() is not None or (
             (run := last_run(engine)) is not None and run.id > before_id
             and run.snapshot_at is None), TRIAL_TIMEOUT)
         time.sleep(rng.uniform(0, 0.1))
     else:
-        wait_for(lambda: child.poll() is not None, TRIAL_TIMEOUT)
+        poll_until(lambda: child.poll() is not None, TRIAL_TIMEOUT)
     if child.poll() is None:
         child.send_signal(signal.SIGKILL)
     _, stderr = child.communicate(timeout=TRIAL_TIMEOUT)
@@ -219,7 +130,7 @@ def crash_trials(setup: Setup, engine: Engine, trials: int, seed: int) -> Figure
         kill_trial(setup, engine, config, rng, figures)
     setup.receiver.respond = lambda n, b: Reply()
     clean = subprocess.run([str(RECONCILER), "sync", "--config", str(config)],
-                           capture_output=True, env=CHILD_ENV, timeout=TRIAL_TIMEOUT)
+                           capture_output=True, env=clean_env(), timeout=TRIAL_TIMEOUT)
     assert clean.returncode == 0, clean.stderr.decode()
     with engine.connect() as conn:
         running = conn.execute(select(func.count()).select_from(sync_runs)

@@ -19,8 +19,8 @@ from sqlalchemy import Engine, func, select
 from reconciler.schema import acked, sync_runs, updates
 
 from .conftest import PG_ADMIN, Setup
+from .helpers import cli
 from .receiver import Reply
-from .test_config import cli
 
 PASSWORD = "hunter2-pw"
 PG_SERVER = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://postgres@",

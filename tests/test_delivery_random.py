@@ -21,8 +21,8 @@ from reconciler.run import RunOptions, sync
 from reconciler.schema import deliveries, sync_runs, updates
 
 from .conftest import Setup
+from .model import Source, replay
 from .receiver import Reply
-from .test_crash import Source, replay
 
 MAX_SETTLING_RUNS = 30  # each run leaves ~3 % pending (max_attempts 3): a handful suffice
 

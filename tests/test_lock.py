@@ -24,10 +24,8 @@ from reconciler.lock import RunLock, process_start
 from reconciler.run import RunOptions, sync
 from reconciler.schema import run_lock
 
+from .helpers import CLI_ENV
 from .receiver import Reply
-
-CLEAN_ENV = {"RECONCILER_DATABASE_URL": None, "RECONCILER_SOURCE_URL": None,
-             "CHARTMOGUL_WEBHOOK_URL": None, "RECONCILER_CONFIG": None}
 
 
 @pytest.fixture
@@ -70,7 +68,7 @@ def test_sync_command_exits_3_while_another_run_holds_the_lock(setup, engine_of)
     path = setup.write()
     with RunLock(engine) as held:
         held.set_run(41)
-        outcome = CliRunner().invoke(main, ["sync", "--config", str(path)], env=CLEAN_ENV)
+        outcome = CliRunner().invoke(main, ["sync", "--config", str(path)], env=CLI_ENV)
     assert outcome.exit_code == 3
     assert f"pid {os.getpid()}, run 41, since" in outcome.output
     assert setup.receiver.bodies() == []

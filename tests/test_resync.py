@@ -5,26 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import select
 
-from reconciler.cli import main
 from reconciler.schema import sync_runs, updates
 
 from .conftest import Setup
+from .helpers import custom
+from .helpers import setup_cli as cli
 from .receiver import Reply
 
 OC = "order_completed_last_30_days"
 HV = "high_value_users"
 LTV = "lifetime_value"
-
-
-def cli(setup: Setup, *args: str) -> Result:
-    return CliRunner().invoke(main, [*args, "--config", str(setup.tmp_path / "reconciler.toml")])
-
-
-def custom(body: dict[str, Any]) -> dict[str, Any]:
-    return {item["key"]: item["value"] for item in body.get("custom", [])}
 
 
 def sent(setup: Setup) -> dict[str, dict[str, Any]]:

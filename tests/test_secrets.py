@@ -34,8 +34,8 @@ from reconciler.redact import (
 from reconciler.schema import deliveries, metadata
 
 from .conftest import Setup
+from .helpers import assert_one_clean_line, cli
 from .receiver import Receiver, Reply
-from .test_config import assert_one_clean_line, cli
 
 TOKEN = "s3cr3t-token"
 WINDOW = 6

@@ -29,6 +29,7 @@ from reconciler.schema import deliveries, sync_runs, updates
 from reconciler.sender import Delivery, Job, Sender, retry_after_seconds
 
 from .conftest import Setup
+from .helpers import CLI_ENV
 from .receiver import Reply
 
 
@@ -592,9 +593,7 @@ def test_sync_command_exit_status(three, engine_of, reply, exit_status):
     engine_of(three)
     three.receiver.respond = lambda n, b: reply
     path = three.write(destination="max_attempts = 1")
-    outcome = CliRunner().invoke(main, ["sync", "--config", str(path)], env={
-        "RECONCILER_DATABASE_URL": None, "RECONCILER_SOURCE_URL": None,
-        "CHARTMOGUL_WEBHOOK_URL": None, "RECONCILER_CONFIG": None})
+    outcome = CliRunner().invoke(main, ["sync", "--config", str(path)], env=CLI_ENV)
     assert outcome.exit_code == exit_status, outcome.output
 
 
