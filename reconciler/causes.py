@@ -175,7 +175,7 @@ def _message_in(document: Any) -> str:
 
 def _short(text: str) -> str:
     words = " ".join(text.split()).replace('"', "'")
-    return words if len(words) <= MAX_MESSAGE else words[:MAX_MESSAGE - 1] + "…"
+    return words if len(words) <= MAX_MESSAGE else words[:MAX_MESSAGE - 3] + "..."
 
 
 def join(*parts: str | None) -> str | None:

@@ -127,6 +127,10 @@ def _fit(out: Console, columns: Sequence[Column], body: list[list[Text]],
 def print_table(out: Console, columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
                 title: str | Text | None = None) -> None:
     """Print `rows` under `columns` in the first layout (see the module) that fits."""
+    if title is not None:
+        # On a line of its own: rich would wrap a title to the width of a narrow table.
+        out.print(title, style="italic", overflow="fold", highlight=False)
+        title = None
     body = [[_text(cell) for cell in row] for row in rows]
     texts = [i for i, c in enumerate(columns) if c.kind == TEXT]
     keep = [i for i, c in enumerate(columns) if c.kind != TEXT]

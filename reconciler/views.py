@@ -107,6 +107,15 @@ ERROR_CELL = 48  # characters of a run's error in the `history` table
 _WHERE = re.compile(r" \((?:state|source) database [^()\s]*\)")
 
 
+def error_gist(error: str | None) -> str:
+    """A run's error without the database URLs and fixes (`show` keeps them): the
+    cause at its end survives, and the table wraps what is left, never cutting it."""
+    text = _WHERE.sub("", error or "")
+    for hint in FIX_HINTS:
+        text = text.replace(hint, "")
+    return text
+
+
 def error_cell(error: str | None, width: int = ERROR_CELL) -> str:
     """A run's error cut to `width` characters so that its cause survives.
 
@@ -139,7 +148,7 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
         if run.get("resync_key") and run["resync_key"] != "*":
             trigger += f" ({run['resync_key']})"
         rows.append([str(run["id"]), trigger, _status(run["status"]), _when(run["started_at"]),
-                     _took(run), *(str(run[k]) for k in RUN_COUNTS), error_cell(run["error"], 160)])
+                     _took(run), *(str(run[k]) for k in RUN_COUNTS), error_gist(run["error"])])
     print_table(out, columns, rows, title="runs, newest first (UTC)")
 
 
