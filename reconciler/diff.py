@@ -1,12 +1,17 @@
 """The diff (SPEC §1.2): the snapshot against what ChartMogul acknowledged, in SQL.
 
-Fills two temp tables on the run's connection:
+Fills three temp tables on the run's connection:
 
+    uncertain(user_id, key)
+        keys ChartMogul may hold an unacknowledged value for (SPEC §6 "Uncertain
+        keys"): the `uncertain_keys` marks, and the keys of updates in flight.
     diff(user_id, key, kind, new_value, old_value, forced)
         every (user, key) to send: a member not acknowledged as one (`true`), an
         acknowledged member gone from the audience (`false`), a trait whose value
-        differs from the acknowledged one; in a resync, every current value of the
-        resynced keys too (`forced = 1`).
+        differs from the acknowledged one; an uncertain key's current value whenever
+        it has one (`true` for a member, `false` for anyone else; a trait only while
+        its source row has a value), even when it equals the acknowledged one; in a
+        resync, every current value of the resynced keys too (`forced = 1`).
     kept(user_id, update_id)
         live updates (pending, or rejected and so blocking) that still describe the
         current state: they stay as they are, with their message id, and their users
@@ -43,68 +48,72 @@ def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str
 
 
 def fill_diff(state: Connection) -> None:
-    """Compute `diff` from `snap`, `run_keys` and `acked`."""
+    """Compute `diff` from `snap`, `run_keys`, `acked` and the uncertain keys."""
+    _fill_uncertain(state)
     state.exec_driver_sql(f"""
         INSERT INTO diff (user_id, key, kind, new_value, old_value, forced)
+        -- a current value that is not the acknowledged one (or that a resync forces)
         SELECT s.user_id, s.key, k.kind, s.value, a.value, k.forced
         FROM (SELECT DISTINCT user_id, key, value FROM snap) AS s
         JOIN run_keys AS k ON k.key = s.key AND k.failed = 0
         LEFT JOIN acked AS a ON a.user_id = s.user_id AND a.key = s.key
         WHERE a.value IS NULL OR a.value <> s.value OR k.forced = 1
         UNION ALL
+        -- an acknowledged member gone from the audience
         SELECT a.user_id, a.key, k.kind, '{FALSE}', a.value, k.forced
         FROM acked AS a
         JOIN run_keys AS k ON k.key = a.key AND k.kind = 'audience' AND k.failed = 0
         WHERE a.value = '{TRUE}'
           AND NOT EXISTS (SELECT 1 FROM snap AS s WHERE s.user_id = a.user_id AND s.key = a.key)
+        UNION ALL
+        -- an uncertain key whose current value is the acknowledged one
+        SELECT u.user_id, u.key, k.kind, a.value, a.value, k.forced
+        FROM uncertain AS u
+        JOIN run_keys AS k ON k.key = u.key AND k.failed = 0 AND k.forced = 0
+        JOIN acked AS a ON a.user_id = u.user_id AND a.key = u.key
+        WHERE EXISTS (SELECT 1 FROM snap AS s
+                      WHERE s.user_id = u.user_id AND s.key = u.key AND s.value = a.value)
+        UNION ALL
+        -- an uncertain audience key of a non-member not acknowledged as a member
+        SELECT u.user_id, u.key, k.kind, '{FALSE}', a.value, k.forced
+        FROM uncertain AS u
+        JOIN run_keys AS k ON k.key = u.key AND k.kind = 'audience' AND k.failed = 0
+        LEFT JOIN acked AS a ON a.user_id = u.user_id AND a.key = u.key
+        WHERE (a.value IS NULL OR a.value <> '{TRUE}')
+          AND NOT EXISTS (SELECT 1 FROM snap AS s WHERE s.user_id = u.user_id AND s.key = u.key)
     """)
     state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
     _fill_kept(state)
-    _fill_corrections(state)
     state.exec_driver_sql("DELETE FROM diff WHERE user_id IN (SELECT user_id FROM kept)")
     if state.dialect.name == "postgresql":
         state.exec_driver_sql("ANALYZE diff")
 
 
-def _fill_corrections(state: Connection) -> None:
-    # An update handed to the sender may have reached ChartMogul without our
-    # recording it (the process was killed with it in flight, or an attempt's outcome
-    # was unknown: no answer, or a 5xx that may follow work done).
-    # When it is superseded, what ChartMogul holds for its keys is unknown: send
-    # their current values, even where they equal the acknowledged ones. A trait
-    # with no value now has nothing to send.
-    state.exec_driver_sql(f"""
-        INSERT INTO diff (user_id, key, kind, new_value, old_value, forced)
-        SELECT * FROM (
-            SELECT c.user_id, c.key, k.kind, CASE
-                WHEN c.kind = 'audience' THEN CASE WHEN EXISTS (
-                    SELECT 1 FROM snap AS s WHERE s.user_id = c.user_id AND s.key = c.key)
-                    THEN '{TRUE}' ELSE '{FALSE}' END
-                ELSE (SELECT MIN(s.value) FROM snap AS s
-                      WHERE s.user_id = c.user_id AND s.key = c.key) END AS new_value,
-                a.value AS old_value, 0 AS forced
-            FROM updates AS u
-            JOIN changes AS c ON c.update_id = u.id
-            JOIN run_keys AS k ON k.key = c.key AND k.failed = 0
-            LEFT JOIN acked AS a ON a.user_id = c.user_id AND a.key = c.key
-            WHERE u.status = 'pending'
-              AND (u.in_flight_since IS NOT NULL OR u.maybe_delivered = {_true(state)})
-              AND u.id NOT IN (SELECT update_id FROM kept)
-              AND NOT EXISTS (SELECT 1 FROM diff AS d
-                              WHERE d.user_id = c.user_id AND d.key = c.key)
-        ) AS corrections
-        WHERE new_value IS NOT NULL
+def _fill_uncertain(state: Connection) -> None:
+    # The marked keys, and those of updates still in flight: a run marks what a
+    # killed run left in flight before it diffs (ledger.mark_left_in_flight), but a
+    # dry run does not, and a run that lost its lock may still be sending.
+    prefix = "temp." if state.dialect.name == "sqlite" else ""
+    state.exec_driver_sql(f"DROP TABLE IF EXISTS {prefix}uncertain")
+    state.exec_driver_sql("CREATE TEMP TABLE uncertain (user_id TEXT NOT NULL, "
+                          "key TEXT NOT NULL, PRIMARY KEY (user_id, key))")
+    state.exec_driver_sql("""
+        INSERT INTO uncertain (user_id, key)
+        SELECT user_id, key FROM uncertain_keys
+        UNION
+        SELECT c.user_id, c.key
+        FROM updates AS u JOIN changes AS c ON c.update_id = u.id
+        WHERE u.in_flight_since IS NOT NULL
     """)
-
-
-def _true(state: Connection) -> str:
-    return "1" if state.dialect.name == "sqlite" else "true"
+    if state.dialect.name == "postgresql":
+        state.exec_driver_sql("ANALYZE uncertain")
 
 
 def _fill_kept(state: Connection) -> None:
     # A live update is kept when each of its rows still matches the current state
-    # (or concerns a key that failed this run) and it carries every current change of
-    # its user. A resync forcing a user's keys replaces whatever was live for them.
+    # (or concerns a key that failed this run) and it carries every row of its user
+    # in `diff`, uncertain keys' current values included. A resync forcing a user's
+    # keys replaces whatever was live for them.
     state.exec_driver_sql(f"""
         INSERT INTO kept (user_id, update_id)
         SELECT u.user_id, u.id FROM updates AS u

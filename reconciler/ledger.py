@@ -1,8 +1,11 @@
 """Everything that moves durable state: runs, planned updates, acknowledgements.
 
-Each function runs inside the caller's transaction and never commits. The rule the
+Each function runs inside the caller's transaction and never commits. The rules the
 rest of the program leans on: `acked` and `ack_versions` move only in `acknowledge`,
-in the same transaction that records why (a 2xx delivery, or a skip).
+in the same transaction that records why (a 2xx delivery, or a skip); a (user, key)
+is marked uncertain (`uncertain_keys`, SPEC §6) in the same transaction that records
+an attempt that may have delivered it, or by the next run for an update a killed run
+left in flight, and the mark is cleared only in `acknowledge`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
-from .schema import deliveries, sync_runs, updates
+from .schema import deliveries, sync_runs, uncertain_keys, updates
 
 LIVE = ("pending", "rejected")
 
@@ -78,7 +81,10 @@ def acknowledge(state: Connection, ids_sql: str, params: dict[str, Any], status:
                 run_id: int, now: datetime) -> None:
     """Settle the updates selected by `ids_sql` and move the acknowledged state.
 
-    `status` is `sent` (a 2xx) or `skipped`; each user's version moves by one.
+    `status` is `sent` (a 2xx) or `skipped`; each user's version moves by one. The
+    keys they carry stop being uncertain: ChartMogul now holds the acknowledged value
+    (a skip is settled as if sent, SPEC §5: it happens only to bodies that carry no
+    custom attributes, so no later body could settle those keys either).
     """
     stamp = bindparam("now", type_=updates.c.settled_at.type)
     args = {**params, "now": now, "run": run_id, "status": status}
@@ -97,6 +103,43 @@ def acknowledge(state: Connection, ids_sql: str, params: dict[str, Any], status:
         SELECT user_id, 1 FROM updates WHERE id IN ({ids_sql}) AND true
         ON CONFLICT (user_id) DO UPDATE SET version = ack_versions.version + 1
     """), args)
+    state.execute(text(f"""
+        DELETE FROM uncertain_keys
+        WHERE (user_id, key) IN (SELECT c.user_id, c.key FROM changes AS c
+                                 WHERE c.update_id IN ({ids_sql}))
+    """), args)
+
+
+def mark_uncertain(state: Connection, update_ids: Sequence[int], now: datetime) -> None:
+    """Each key of these updates may now hold their value at ChartMogul, unacknowledged.
+
+    A key already uncertain keeps its `since` and points at the newest update.
+    """
+    stamp = bindparam("now", type_=uncertain_keys.c.since.type)
+    listed = ", ".join(str(int(i)) for i in update_ids)
+    state.execute(text(f"""
+        INSERT INTO uncertain_keys (user_id, key, update_id, since)
+        SELECT c.user_id, c.key, c.update_id, :now
+        FROM changes AS c WHERE c.update_id IN ({listed}) AND true
+        ON CONFLICT (user_id, key) DO UPDATE SET update_id = excluded.update_id
+    """).bindparams(stamp), {"now": now})
+
+
+def mark_left_in_flight(state: Connection, now: datetime) -> int:
+    """Updates a killed run left in flight may have been delivered: mark their keys
+    uncertain (since `now`) and clear `in_flight_since`. Returns how many there were.
+
+    Called under the lock as a run starts, before its diff. Exactly the cleared rows
+    are marked (RETURNING), so a run that lost the lock and still hands pages over
+    cannot slip an update between the two statements.
+    """
+    handed_over = list(state.execute(
+        update(updates).where(updates.c.in_flight_since.is_not(None))
+        .values(in_flight_since=None, maybe_delivered=True)
+        .returning(updates.c.id)).scalars())
+    for start in range(0, len(handed_over), 1000):
+        mark_uncertain(state, handed_over[start:start + 1000], now)
+    return len(handed_over)
 
 
 @dataclass(frozen=True)
@@ -123,7 +166,8 @@ def record_deliveries(state: Connection, run_id: int,
     `acknowledged`, `rejected` or `pending` (retries exhausted or stopped). Only a
     still-pending update is settled: if this run lost its lock, another run may have
     superseded or settled it meanwhile, and acknowledging it twice would move the
-    user's version twice. A handful of statements per batch, not per update: at
+    user's version twice. Keys of an attempt that may have been delivered are marked
+    uncertain. A handful of statements per batch, not per update: at
     thousands of acknowledgements a second, per-update statements were the limit.
     """
     attempted = [(update_id, attempts) for update_id, _, attempts in outcomes if attempts]
@@ -148,6 +192,14 @@ def record_deliveries(state: Connection, run_id: int,
         updates.c.id.in_(ids), updates.c.status == "pending")).scalars())
     acknowledged = [i for i, result, _ in outcomes if result == "acknowledged" and i in pending]
     rejected = [i for i, result, _ in outcomes if result == "rejected" and i in pending]
+    # Marked before `acknowledge` clears: a timeout then a 2xx leaves nothing uncertain.
+    # A 2xx for an update another run settled meanwhile delivered values `acked` does
+    # not hold: uncertain too.
+    uncertain = [i for i, result, attempts in outcomes
+                 if any(a.maybe_delivered for a in attempts)
+                 or (result == "acknowledged" and i not in pending)]
+    if uncertain:
+        mark_uncertain(state, uncertain, now)
     if acknowledged:
         # Integers this database generated, written out: `acknowledge` takes SQL.
         listed = ", ".join(str(int(i)) for i in acknowledged)

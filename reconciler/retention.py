@@ -9,6 +9,8 @@ the next diff or a re-send still needs is never touched:
 - an update settled, superseded or attempted within the horizon (deleting it would
   take rows out of a recent run);
 - `acked` and `ack_versions`, which are the acknowledged state itself;
+- `uncertain_keys` (the diff needs nothing else to re-send an uncertain key), and
+  the update each mark names, with its changes, so the mark can be explained;
 - the newest run and the newest update: SQLite hands out max(id) + 1 as the next id,
   so keeping them keeps `sync_runs.id` (and update ids) increasing for good.
 
@@ -27,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .db import database_error
 from .ledger import LIVE
 from .lock import RunLock
-from .schema import changes, deliveries, sync_runs, updates
+from .schema import changes, deliveries, sync_runs, uncertain_keys, updates
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +66,15 @@ def prune(state: Connection, cutoff: datetime) -> Pruned:
     recent_attempt = exists().where(deliveries.c.update_id == updates.c.id,
                                     deliveries.c.run_id >= first)
     newest_update = select(func.max(updates.c.id)).scalar_subquery()
+    # NOT IN, not a correlated EXISTS: SQLite builds the list once.
+    marked = updates.c.id.in_(select(uncertain_keys.c.update_id))
     doomed = select(updates.c.id).where(
         updates.c.id < newest_update,
         updates.c.status.not_in(LIVE),
         updates.c.run_id < first,
         func.coalesce(updates.c.settled_run_id, 0) < first,
         ~recent_attempt,
+        ~marked,
     ).scalar_subquery()
     # Explicit deletes rather than ON DELETE CASCADE: the counts are reported, and
     # SQLite only cascades on connections that enabled foreign keys.

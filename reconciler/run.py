@@ -39,6 +39,7 @@ from .ledger import (
     commit_plan,
     count_pending,
     mark_in_flight,
+    mark_left_in_flight,
     pending_page,
     record_deliveries,
     start_run,
@@ -145,6 +146,7 @@ def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> R
         try:
             with engine.begin() as conn:
                 close_interrupted_runs(conn, now)
+                mark_left_in_flight(conn, now)
                 run_id = start_run(conn, options.trigger, now, options.resync_label)
                 _record_keys(conn, config, now)
             lock.set_run(run_id)

@@ -6,6 +6,9 @@ queries are written against named columns and `alembic check` can prove no drift
     sync_runs     one row a run (SPEC §7, part of the contract)
     entry_keys    every key ever configured; retired ones stay, marked inactive
     acked         what ChartMogul acknowledged: (user, key) → JSON value
+    uncertain_keys (user, key) pairs for which ChartMogul may hold a value nobody
+                  acknowledged: re-sent every run until an update carrying the key
+                  is acknowledged (SPEC §6 "Uncertain keys")
     ack_versions  per-user counter, moved by every acknowledgement (message ids use it)
     updates       one Identify update per user and run: pending → sent/skipped/rejected
                   or superseded; body kept without sent_at so retries resend it verbatim
@@ -118,6 +121,16 @@ acked = Table(
     Column("acked_at", UTCDateTime, nullable=False),
 )
 
+# No foreign key to `updates`: the mark must outlive whatever becomes of the update
+# (superseded, pruned); `update_id` only says which update last made it uncertain.
+uncertain_keys = Table(
+    "uncertain_keys", metadata,
+    Column("user_id", USER_ID, primary_key=True),
+    Column("key", KEY, primary_key=True),
+    Column("update_id", Integer, nullable=False),
+    Column("since", UTCDateTime, nullable=False),
+)
+
 ack_versions = Table(
     "ack_versions", metadata,
     Column("user_id", USER_ID, primary_key=True),
@@ -137,9 +150,11 @@ updates = Table(
     Column("body", Text, nullable=False),
     Column("note", Text),
     Column("attempts", Integer, nullable=False, default=0),
-    # Handed to the sender and not yet recorded: it may have reached ChartMogul.
+    # Handed to the sender and not yet recorded: it may have reached ChartMogul. The
+    # next run turns what a killed run left here into `uncertain_keys` marks.
     Column("in_flight_since", UTCDateTime),
-    # An attempt's outcome was unknown (no answer, or a 5xx that may follow work done).
+    # An attempt's outcome was unknown (no answer, or a 5xx that may follow work done);
+    # a record for people: the diff reads `uncertain_keys`.
     Column("maybe_delivered", Boolean, nullable=False, server_default=false()),
     Column("settled_run_id", Integer),
     Column("settled_at", UTCDateTime),
@@ -147,6 +162,7 @@ updates = Table(
     Column("last_error", Text),
     Index("ix_updates_status_id", "status", "id"),
     Index("ix_updates_user_id", "user_id"),
+    Index("ix_updates_in_flight_since", "in_flight_since"),
 )
 
 changes = Table(

@@ -12,8 +12,8 @@ deliveries are being recorded). A clean sync follows the trials. Then:
     no run is left `running`; no run ever found the lock held (exit 3).
 
 Source changes between trials never return a user with an unacknowledged update to
-its acknowledged state: that case is `test_reverting_after_an_unrecorded_delivery_...`,
-a known gap in the diff (see its reason).
+its acknowledged state: that case (uncertain keys, SPEC §6) is
+`test_reverting_after_an_unrecorded_delivery_is_corrected` here and tests/test_uncertain.py.
 """
 
 from __future__ import annotations
