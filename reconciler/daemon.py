@@ -123,8 +123,10 @@ def run_once(config: Config, engine: Engine, options: RunOptions,
 
 def _log_run(result: RunResult, trigger: str, seconds: float) -> None:
     message = (f"run {result.run_id} {result.status} in {seconds:.1f}s: "
-               f"{result.users_seen} users seen, {result.users_changed} changed "
-               f"(entered {result.entered}, exited {result.exited}, traits "
+               f"{result.users_seen} users seen, {result.users_changed} changed"
+               + (f"; {result.accounts_seen} accounts seen, {result.accounts_changed} changed"
+                  if result.accounts_seen or result.accounts_changed else "")
+               + f" (entered {result.entered}, exited {result.exited}, traits "
                f"{result.traits_changed}); sent {result.sent}, failed {result.failed}, "
                f"skipped {result.skipped}, pending {result.pending}")
     if result.error:

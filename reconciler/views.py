@@ -1,4 +1,5 @@
-"""How history looks on a terminal: rich tables for `history`, `show` and `user`, and
+"""How history looks on a terminal: rich tables for `history`, `show`, `user` and
+`account`, and
 the progress bar of `sync`/`resync`. `--json` output does not come through here.
 
 Long lists are cut to `ROWS` rows with a line saying how many more there are and how
@@ -75,8 +76,8 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
     table.add_column("run", justify="right")
     for name in ("trigger", "status", "started", "took"):
         table.add_column(name, no_wrap=True)
-    for name in ("seen", "changed", "in", "out", "traits", "sent", "failed", "skipped",
-                 "pending"):
+    for name in ("seen", "changed", "accounts", "in", "out", "traits", "sent", "failed",
+                 "skipped", "pending"):
         table.add_column(name, justify="right")
     table.add_column("error", overflow="ellipsis", no_wrap=True, max_width=48)
     for run in runs:
@@ -85,9 +86,10 @@ def print_runs(out: Console, runs: list[dict[str, Any]]) -> None:
             trigger += f" ({run['resync_key']})"
         table.add_row(str(run["id"]), trigger, _status(run["status"]),
                       _when(run["started_at"]), _took(run),
-                      *(str(run[k]) for k in ("users_seen", "users_changed", "entered",
-                                              "exited", "traits_changed", "sent", "failed",
-                                              "skipped", "pending")),
+                      str(run["users_seen"]), str(run["users_changed"]),
+                      f"{run['accounts_changed']}/{run['accounts_seen']}",
+                      *(str(run[k]) for k in ("entered", "exited", "traits_changed", "sent",
+                                              "failed", "skipped", "pending")),
                       run["error"] or "")
     out.print(table)
 
@@ -100,27 +102,28 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
     out.print(title)
     out.print(f"started {_when(run['started_at'])} UTC"
               + (f", took {_took(run)}" if run.get("finished_at") else ", still running"))
-    out.print(f"users seen {run['users_seen']}, changed {run['users_changed']} (entered "
+    out.print(f"users seen {run['users_seen']}, changed {run['users_changed']}; accounts "
+              f"seen {run['accounts_seen']}, changed {run['accounts_changed']} (entered "
               f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']})")
     out.print(f"sent {run['sent']}, failed {run['failed']}, skipped {run['skipped']}, "
               f"pending after the run {run['pending']}, rows ignored {run['rows_ignored']}")
     if run["error"]:
         out.print(Text(f"error: {run['error']}", style="red"))
     if changes:
-        table = Table("user", "key", "old", "new", "update", "note", title="changes",
+        table = Table("entity", "id", "key", "old", "new", "update", "note", title="changes",
                       title_justify="left")
         for c in changes:
-            table.add_row(c["user_id"], c["key"], _json(c["old_value"]),
+            table.add_row(c["entity"], c["user_id"], c["key"], _json(c["old_value"]),
                           _json(c["new_value"]), _status(c["status"]), c["note"] or "")
         out.print(table)
         _more(out, len(changes), totals["changes"], "changes")
     acknowledged = totals["deliveries"] - totals["unacknowledged"]
     out.print(f"{totals['deliveries']} delivery attempts, {acknowledged} acknowledged")
     if attempts:
-        table = Table("user", "attempt", "sent at", "status", "outcome", "ms", "error",
-                      title="attempts not acknowledged", title_justify="left")
+        table = Table("entity", "id", "attempt", "sent at", "status", "outcome", "ms",
+                      "error", title="attempts not acknowledged", title_justify="left")
         for d in attempts:
-            table.add_row(d["user_id"], str(d["attempt"]), _when(d["sent_at"]),
+            table.add_row(d["entity"], d["user_id"], str(d["attempt"]), _when(d["sent_at"]),
                           str(d["status_code"] or ""), _status(d["outcome"]),
                           f"{d['latency_ms']:.0f}" if d["latency_ms"] is not None else "",
                           d["error"] or "")
@@ -129,19 +132,22 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
 
 
 def print_user(out: Console, data: dict[str, Any]) -> None:
-    """A user's acknowledged state, then the newest part of their timeline."""
-    user_id, acknowledged, timeline = data["user_id"], data["acknowledged"], data["timeline"]
+    """A user's (or an account's: `data` has a `group_id`) acknowledged state, then the
+    newest part of their timeline."""
+    what = "account" if "group_id" in data else "user"
+    user_id = data["group_id"] if what == "account" else data["user_id"]
+    acknowledged, timeline = data["acknowledged"], data["timeline"]
     if not acknowledged and not timeline:
-        out.print(f'nothing recorded for user "{user_id}"')
+        out.print(f'nothing recorded for {what} "{user_id}"')
         return
     if acknowledged:
         state = Table("key", "acknowledged value", "since (UTC)",
-                      title=f'user "{user_id}": acknowledged state', title_justify="left")
+                      title=f'{what} "{user_id}": acknowledged state', title_justify="left")
         for key, item in acknowledged.items():
             state.add_row(key, _json(item["value"]), _when(item["acked_at"]))
         out.print(state)
     else:
-        out.print(f'user "{user_id}": nothing acknowledged yet')
+        out.print(f'{what} "{user_id}": nothing acknowledged yet')
     shown = timeline[-ROWS:]
     if len(timeline) > len(shown):
         out.print(f"… {len(timeline) - len(shown)} older updates; --json prints them all",
