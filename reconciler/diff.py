@@ -69,7 +69,7 @@ def fill_diff(state: Connection) -> None:
           AND NOT EXISTS (SELECT 1 FROM snap AS s WHERE s.entity = a.entity
                           AND s.user_id = a.user_id AND s.key = a.key)
     """)
-    state.exec_driver_sql("CREATE INDEX diff_user ON diff (entity, user_id, key)")
+    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key, entity)")
     _fill_kept(state)
     _fill_corrections(state)
     state.exec_driver_sql("DELETE FROM diff WHERE (entity, user_id) IN "

@@ -63,6 +63,9 @@ def account_fields(group_id: str, names: Sequence[str], values: Sequence[Any]
         if isinstance(value, str):
             fields[name] = value
             continue
+        if type(value) is int:  # postal codes, mostly: skip the JSON round trip
+            fields[name] = str(value)
+            continue
         try:
             text = to_json(value)
         except Unrepresentable as exc:

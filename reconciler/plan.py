@@ -92,7 +92,10 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     writer = state.connection.cursor()
     batch: list[tuple[Any, ...]] = []
     seq = 0
-    for entity in ("customer", "contact"):
+    # No account keys this run, no account rows in the diff: spare a scan of it.
+    accounts = state.exec_driver_sql(
+        "SELECT COUNT(*) FROM run_keys WHERE entity = 'customer' AND failed = 0").scalar_one()
+    for entity in ("customer", "contact") if accounts else ("contact",):
         with closing(_changed_users(state, entity)) as changed_users:
             for number, (user_id, rows) in enumerate(changed_users, 1):
                 if max_users is not None and number > max_users:
