@@ -48,14 +48,24 @@ def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str
     if rows:
         mark = "?" if state.dialect.name == "sqlite" else "%s"
         state.exec_driver_sql(f"INSERT INTO run_keys VALUES ({', '.join([mark] * 5)})", rows)
+    if state.dialect.name == "postgresql":
+        # Without statistics, joins on (entity, key) are estimated at a few rows, and the
+        # planner probes `acked` once per snapshot row instead of hashing it.
+        state.exec_driver_sql("ANALYZE run_keys")
 
 
 def fill_diff(state: Connection) -> None:
     """Compute `diff` from `snap`, `run_keys` and `acked`."""
+    if state.dialect.name == "postgresql":
+        # The DISTINCT subquery hides `snap`'s statistics, so joins on (entity, key) are
+        # estimated at a few dozen rows and the planner probes `acked` by index once per
+        # snapshot row (measured 2.2 s against 1.2 s hashed, 300k users, no change).
+        # This statement is bulk work whatever the sizes: hash it.
+        state.exec_driver_sql("SET LOCAL enable_nestloop = off")
     state.exec_driver_sql(f"""
         INSERT INTO diff (entity, user_id, key, kind, new_value, old_value, forced)
         SELECT s.entity, s.user_id, s.key, k.kind, s.value, a.value, k.forced
-        FROM (SELECT DISTINCT entity, user_id, key, value FROM snap) AS s
+        FROM (SELECT DISTINCT user_id, key, value, entity FROM snap) AS s  -- index order
         JOIN run_keys AS k ON k.entity = s.entity AND k.key = s.key AND k.failed = 0
         LEFT JOIN acked AS a
           ON a.entity = s.entity AND a.user_id = s.user_id AND a.key = s.key
@@ -69,7 +79,11 @@ def fill_diff(state: Connection) -> None:
           AND NOT EXISTS (SELECT 1 FROM snap AS s WHERE s.entity = a.entity
                           AND s.user_id = a.user_id AND s.key = a.key)
     """)
-    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key, entity)")
+    if state.dialect.name == "postgresql":
+        state.exec_driver_sql("RESET enable_nestloop")
+    # Without the entity: lookups filter on it after (user_id, key), which ids of a user
+    # and an account rarely share; a narrower index builds faster.
+    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
     _fill_kept(state)
     _fill_corrections(state)
     state.exec_driver_sql("DELETE FROM diff WHERE (entity, user_id) IN "
