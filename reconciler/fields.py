@@ -87,7 +87,7 @@ def load_accounts(query: str, source: Connection, state: Connection) -> int:
     the query's rows cannot be used (a missing column, an unrepresentable value): the
     run fails, as for the profile, since account bodies could not be built right.
     """
-    from .snapshot import _load
+    from .snapshot import _load  # here: snapshot.py imports this module
 
     stats = ReadStats()
     _load(state, "account_raw", ("group_id", "user_id", "data"),
