@@ -38,7 +38,8 @@ _OVERRIDING_ENV = ("RECONCILER_CONFIG", "RECONCILER_DATABASE_URL", "RECONCILER_S
 
 @dataclass(frozen=True)
 class Measured:
-    """One finished child process: wall seconds, its peak RSS and what it printed."""
+    """One finished child process: wall seconds, its peak RSS and what it printed, and
+    its CPU seconds (user + system; on a shared machine steadier than wall time)."""
 
     argv: tuple[str, ...]
     seconds: float
@@ -46,6 +47,7 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
+    cpu_seconds: float = float("nan")
 
     def tail(self, lines: int = 8) -> str:
         """The last lines of stderr (or stdout when stderr is empty), for error reports."""
@@ -89,7 +91,7 @@ def run_measured(argv: Sequence[str | os.PathLike[str]], *, timeout: float,
             return Measured(args, timeout, float("nan"), -9, stdout, stderr)
         cost = json.loads(result.read_text())
         return Measured(args, cost["seconds"], cost["maxrss_kb"] / 1024.0, cost["returncode"],
-                        stdout, stderr)
+                        stdout, stderr, cost.get("cpu_seconds", float("nan")))
 
 
 def _kill_group(pid: int) -> None:

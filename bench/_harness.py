@@ -28,7 +28,17 @@ from _common import (
     run_measured,
 )
 from _report import Figure
-from gen_source import PROFILE_QUERY, TRAIT, TRAIT_QUERY, audience_queries
+from gen_source import (
+    ACCOUNT_AUDIENCE,
+    ACCOUNT_AUDIENCE_QUERY,
+    ACCOUNT_TRAIT,
+    ACCOUNT_TRAIT_QUERY,
+    ACCOUNTS_QUERY,
+    PROFILE_QUERY,
+    TRAIT,
+    TRAIT_QUERY,
+    audience_queries,
+)
 from receiver import Receiver
 
 FLOOR_METHODS = ("merge", "sql")
@@ -98,8 +108,9 @@ def peak_rss(runs: Sequence[Measured]) -> float:
 
 
 def write_config(path: Path, state_url: str, source: Path, webhook: str, *,
-                 rps: float = 0, concurrency: int = 20) -> Path:
-    """Write a config file (SPEC §3) for the generated source and return its path."""
+                 rps: float = 0, concurrency: int = 20, accounts: bool = False) -> Path:
+    """Write a config file (SPEC §3; with ``accounts``, §9 too) for the generated source
+    and return its path."""
     q = json.dumps  # these JSON strings are valid TOML basic strings
     lines = ["[database]", f"url = {q(state_url)}", "", "[source]",
              f"url = {q(f'sqlite:///{source}')}", "", "[destination]",
@@ -108,6 +119,11 @@ def write_config(path: Path, state_url: str, source: Path, webhook: str, *,
     for name, query in audience_queries():
         lines += ["", "[[audiences]]", f"name = {q(name)}", f"query = {q(query)}"]
     lines += ["", "[[traits]]", f"name = {q(TRAIT)}", f"query = {q(TRAIT_QUERY)}", ""]
+    if accounts:
+        lines += ["[accounts]", f"query = {q(ACCOUNTS_QUERY)}", "", "[[account_audiences]]",
+                  f"name = {q(ACCOUNT_AUDIENCE)}", f"query = {q(ACCOUNT_AUDIENCE_QUERY)}", "",
+                  "[[account_traits]]", f"name = {q(ACCOUNT_TRAIT)}",
+                  f"query = {q(ACCOUNT_TRAIT_QUERY)}", ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -159,7 +175,7 @@ class Cli:
 
 @contextmanager
 def cli_session(b: Bench, backend: str, source: Path, tag: str, users: int, *,
-                rps: float = 0, concurrency: int = 20) -> Iterator[Cli]:
+                rps: float = 0, concurrency: int = 20, accounts: bool = False) -> Iterator[Cli]:
     """A ``Cli`` on a fresh, migrated state database (an inert one without the CLI)."""
     if not b.cli_ok:
         yield Cli(b, None, users, tag)
@@ -168,7 +184,7 @@ def cli_session(b: Bench, backend: str, source: Path, tag: str, users: int, *,
         url = (state.replace("postgresql://", "postgresql+psycopg://", 1)
                if backend == "postgresql" else f"sqlite:///{state}")
         config = write_config(b.workdir / f"{tag}-{backend}.toml", url, source, b.receiver.url,
-                              rps=rps, concurrency=concurrency)
+                              rps=rps, concurrency=concurrency, accounts=accounts)
         cli = Cli(b, config, users, f"{tag}/{backend}/{users:,}")
         cli("migrate")
         yield cli

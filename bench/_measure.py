@@ -1,4 +1,4 @@
-"""Run one command; write its wall time, peak RSS and exit status to a JSON file.
+"""Run one command; write its wall time, CPU time, peak RSS and exit status to a JSON file.
 
 Usage: ``python -I -S bench/_measure.py RESULT_FILE COMMAND [ARGS...]``
 
@@ -24,6 +24,7 @@ def main() -> int:
     code = os.waitstatus_to_exitcode(status)
     with open(result, "w") as out:
         out.write(f'{{"seconds": {seconds!r}, "maxrss_kb": {usage.ru_maxrss}, '
+                  f'"cpu_seconds": {usage.ru_utime + usage.ru_stime!r}, '
                   f'"returncode": {code}}}')
     return code if code >= 0 else 128 - code
 

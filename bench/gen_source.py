@@ -9,6 +9,12 @@ always give the same database.
 1 % of the expected memberships (0.015 * N). Toggling the same cells twice restores the
 database, so the benchmark flips once for a measured run and once more to undo it.
 
+``ensure_accounts`` adds accounts to a source (SPEC §9): N / 10 accounts in
+``companies`` (every fifth with a second row for a larger user id, so the smallest one
+is picked), one account audience (``account_members``, each account a member with
+probability 0.3) and the account trait ``seats``. The users' tables are untouched, so
+the floor and the other sections see the same source.
+
 Run ``python bench/gen_source.py --users 100000 PATH`` to build one by hand.
 """
 
@@ -28,6 +34,14 @@ TRAIT = "Lifetime Value"
 MEMBERSHIP_PROBABILITY = 0.3
 FLIP_FRACTION = 0.01
 SCHEMA_VERSION = "1"
+
+ACCOUNT_AUDIENCE = "Enterprise Accounts"
+ACCOUNT_TRAIT = "Seats"
+ACCOUNTS_PER_USER = 0.1
+ACCOUNTS_QUERY = ("SELECT group_id, user_id, name, website, created_at, city, postal_code, "
+                  "country FROM companies")
+ACCOUNT_AUDIENCE_QUERY = "SELECT group_id FROM account_members"
+ACCOUNT_TRAIT_QUERY = "SELECT group_id, seats AS value FROM companies"
 
 # The queries of the config (SPEC §3); the floor runs exactly these too.
 AUDIENCE_QUERY = "SELECT user_id FROM audience_members WHERE audience_id = {audience_id}"
@@ -143,6 +157,54 @@ def flip_memberships(path: Path, seed: int = 2) -> FlipResult:
     finally:
         conn.close()
     return FlipResult(entered, exited, len({uid for _, uid in cells}))
+
+
+def group_id(index: int) -> str:
+    """The id of the account at ``index`` (0-based).
+
+    >>> group_id(7)
+    'acct-000007'
+    """
+    return f"acct-{index:06d}"
+
+
+def _company_rows(accounts: int, rng: random.Random) -> Iterator[tuple[object, ...]]:
+    """``companies`` rows: one per account, a second one (larger user id) every fifth."""
+    cities = ("Paris", "Berlin", "Lisbon", "Austin", "Osaka")
+    for i in range(accounts):
+        row = (group_id(i), f"Company {i}", f"https://company{i}.example",
+               f"20{10 + i % 15}-0{1 + i % 9}-1{i % 10} 10:00:00", cities[i % 5], 10000 + i % 90000,
+               "FR", rng.randint(1, 500))
+        yield (row[0], user_id(i * 10), *row[1:])
+        if i % 5 == 0:
+            yield (row[0], user_id(i * 10 + 1), *row[1:])
+
+
+def ensure_accounts(path: Path, seed: int = 3) -> int:
+    """Add the account tables to the source at ``path`` if missing; return the account count."""
+    conn = sqlite3.connect(path)
+    try:
+        meta = dict(conn.execute("SELECT name, value FROM bench_meta").fetchall())
+        if "accounts" in meta:
+            return int(meta["accounts"])
+        accounts = max(1, int(int(meta["users"]) * ACCOUNTS_PER_USER))
+        rng = random.Random(seed)
+        with conn:
+            conn.executescript("""
+                CREATE TABLE companies (group_id TEXT NOT NULL, user_id TEXT, name TEXT,
+                    website TEXT, created_at TEXT, city TEXT, postal_code INTEGER,
+                    country TEXT, seats INTEGER);
+                CREATE TABLE account_members (group_id TEXT PRIMARY KEY) WITHOUT ROWID;
+            """)
+            conn.executemany("INSERT INTO companies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             _company_rows(accounts, rng))
+            conn.executemany("INSERT INTO account_members VALUES (?)",
+                             ((group_id(i),) for i in range(accounts)
+                              if rng.random() < MEMBERSHIP_PROBABILITY))
+            conn.execute("INSERT INTO bench_meta VALUES ('accounts', ?)", (str(accounts),))
+        return accounts
+    finally:
+        conn.close()
 
 
 def ensure_source(workdir: Path, users: int, seed: int = 1) -> Path:

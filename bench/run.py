@@ -12,6 +12,9 @@ Sections (``--only``; default all, in this order), each on every ``--backend``:
           of two raw httpx senders posting the same bodies;
 ``pace``  ``sync`` at 200 requests/s for 30 s: achieved rate, most requests in 1 s;
 ``scale`` (a) at N/10, 3N/10 and N users: slope, linearity, RSS growth.
+``accounts`` (a) with N/10 accounts beside the N users (SPEC §9) at N/10, 3N/10 and N
+          users, against (a) without them: slope per 1M users + accounts, linearity,
+          RSS growth.
 
 Every figure is the median of ``--runs`` rounds; each round runs the baseline and the CLI
 back to back. The CLI is driven as a user drives it (SPEC §4); without it, only the
@@ -43,11 +46,11 @@ from _harness import (
     raw_send,
 )
 from _report import Figure, json_line, table
-from gen_source import ensure_source, flip_memberships
+from gen_source import ensure_accounts, ensure_source, flip_memberships
 from receiver import Receiver
 
 BACKENDS = ("sqlite", "postgresql")
-SECTIONS = ("dry", "send", "pace", "scale")
+SECTIONS = ("dry", "send", "pace", "scale", "accounts")
 RATIO_TARGET = 1.5
 RSS_LIMIT_MB = 150.0
 RSS_FLAT = 1.2  # "flat": peak RSS at N at most 20 % above peak RSS at N/10
@@ -255,8 +258,62 @@ def section_scale(b: Bench, backend: str) -> None:
                                      for n, r in zip(sizes, rss, strict=True))))
 
 
+def _sizes(b: Bench) -> list[int]:
+    return sorted({max(1000, b.args.users // 10), max(1000, b.args.users * 3 // 10),
+                   b.args.users})
+
+
+def section_accounts(b: Bench, backend: str) -> None:
+    """(a) with N/10 accounts at N/10, 3N/10, N users: against (a) without accounts, and
+    its slope per 1M records (users + accounts), R² and peak RSS growth."""
+    sizes = _sizes(b)
+    if len(sizes) < 3:
+        log("    skipped: --users must be at least 10,000 for three distinct sizes")
+        return
+    records: list[float] = []
+    seconds: list[float] = []
+    cpu: list[float] = []
+    rss: list[float] = []
+    for users in sizes:
+        _, plain = dry_run_a(b, backend, users)
+        source = ensure_source(b.workdir, users)
+        accounts = ensure_accounts(source)
+        runs: list[Measured] = []
+        with cli_session(b, backend, source, "accounts", users, accounts=True) as cli:
+            for _ in range(b.runs):
+                run = cli("sync", "--dry-run")
+                runs += [run] if run else []
+        if not runs or not plain:
+            return
+        t, base = median_seconds(runs), median_seconds(plain)
+        t_cpu = median([m.cpu_seconds for m in runs])
+        base_cpu = median([m.cpu_seconds for m in plain])
+        b.add(Figure(f"(a) + {accounts:,} accounts sync --dry-run", backend, users, t, "s",
+                     base, t / base, rss_mb=peak_rss(runs),
+                     note=f"baseline: (a) without accounts; +{t - base:.2f} s for the "
+                          f"accounts; CPU {t_cpu:.2f} s against {base_cpu:.2f} s",
+                     extra={"runs": [round(m.seconds, 3) for m in runs], "cpu_s": t_cpu,
+                            "baseline_cpu_s": base_cpu}))
+        records.append(float(users + accounts))
+        seconds.append(t)
+        cpu.append(t_cpu)
+        rss.append(peak_rss(runs))
+    for what, ys in (("seconds", seconds), ("CPU seconds", cpu)):
+        slope, intercept, r2 = linear_fit(records, ys)
+        b.add(Figure(f"accounts (a): {what} per 1M users + accounts", backend, sizes[-1],
+                     slope * 1e6, "s", target="linear: R² >= 0.99", ok=r2 >= 0.99,
+                     extra={"intercept_s": intercept, "r2": r2, "records": records,
+                            "seconds": ys},
+                     note=f"R² {r2:.4f}, intercept {intercept:.2f} s"))
+    b.add(Figure("accounts (a): peak RSS growth", backend, sizes[-1], rss[-1] / rss[0], "x",
+                 target=f"<= {RSS_FLAT}x", ok=rss[-1] / rss[0] <= RSS_FLAT,
+                 extra={"sizes": sizes, "rss_mb": rss},
+                 note=" / ".join(f"{n:,}: {r:.0f} MB" for n, r in zip(sizes, rss, strict=True))))
+
+
 SECTION_FUNCS: dict[str, Callable[[Bench, str], None]] = {
-    "dry": section_dry, "send": section_send, "pace": section_pace, "scale": section_scale}
+    "dry": section_dry, "send": section_send, "pace": section_pace, "scale": section_scale,
+    "accounts": section_accounts}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,8 +1,9 @@
 """End-to-end demo on the embedded defaults: SQLite state, an example warehouse,
 and a loopback stand-in for the ChartMogul webhook that prints what it receives.
 
-Runs `reconciler sync` twice with a membership change in between, then
-`reconciler history`. Everything lives in ./demo/ and is rebuilt on each run.
+Runs `reconciler sync` twice with changes in between (a user enters an audience, an
+account enters an account audience), then `reconciler history` and `reconciler account`.
+Everything lives in ./demo/ and is rebuilt on each run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ query = "SELECT user_id FROM orders GROUP BY user_id HAVING SUM(amount) >= 500"
 [[traits]]
 name = "Lifetime Value"
 query = "SELECT user_id, SUM(amount) AS value FROM orders GROUP BY user_id"
+
+# Accounts: ChartMogul customers, sent with Send Customer before the contacts that name
+# them (a contact's company.id is the account's group_id).
+[accounts]
+query = '''SELECT c.id AS group_id, u.id AS user_id, c.name, c.website, c.city, c.country
+           FROM companies AS c JOIN users AS u ON u.company_id = c.id'''
+
+[[account_audiences]]
+name = "Enterprise Accounts"
+query = "SELECT id AS group_id FROM companies WHERE seats >= 100"
+
+[[account_traits]]
+name = "Seats"
+query = "SELECT id AS group_id, seats AS value FROM companies"
 """
 
 
@@ -54,6 +69,11 @@ def build_warehouse(path: Path) -> None:
             CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, first_name TEXT,
                                 last_name TEXT, company_id INTEGER, company_name TEXT);
             CREATE TABLE orders (user_id TEXT, amount REAL, completed_at TEXT);
+            CREATE TABLE companies (id INTEGER PRIMARY KEY, name TEXT, website TEXT,
+                                    city TEXT, country TEXT, seats INTEGER);
+            INSERT INTO companies VALUES
+              (1, 'Analytical Engines', 'https://engines.example', 'London', 'GB', 250),
+              (2, 'COBOL Ltd', 'https://cobol.example', 'Arlington', 'US', 40);
             INSERT INTO users VALUES
               ('u-1', 'ada@example.com', 'Ada', 'Lovelace', 1, 'Analytical Engines'),
               ('u-2', 'alan@example.com', 'Alan', 'Turing', NULL, NULL),
@@ -72,7 +92,14 @@ class Webhook(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         custom = {c["key"]: c["value"] for c in body.get("custom", [])}
-        print(f"  webhook <- {body['user_id']}: {json.dumps(custom)}", flush=True)
+        if body["type"] == "Send Customer":
+            fields = {k: body[k] for k in ("name", "website", "address") if k in body}
+            print(f"  webhook <- Send Customer {body['group_id']} (for {body['user_id']}): "
+                  f"{json.dumps(custom)} {json.dumps(fields)}", flush=True)
+        else:
+            company = f" company {body['company']['id']}" if "company" in body else ""
+            print(f"  webhook <- Send Contact  {body['user_id']}{company}: "
+                  f"{json.dumps(custom)}", flush=True)
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -95,16 +122,20 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     (HERE / "reconciler.toml").write_text(
         CONFIG.format(here=HERE, port=server.server_port))
-    print("First sync: every member and trait value is sent.")
+    print("First sync: every account, then every member and trait value, is sent.")
     reconciler("sync")
-    print("\nAlan orders again (enters High Value Users); Ada's recent order is refunded.")
+    print("\nAlan orders again (enters High Value Users); Ada's recent order is refunded;")
+    print("COBOL Ltd buys 60 more seats (enters Enterprise Accounts).")
     with sqlite3.connect(HERE / "warehouse.db") as db:
         db.execute("INSERT INTO orders VALUES ('u-2', 600, date('now'))")
         db.execute("DELETE FROM orders WHERE user_id = 'u-1' AND amount = 400")
-    print("Second sync: only the users whose state changed.")
+        db.execute("UPDATE companies SET seats = 100 WHERE id = 2")
+    print("Second sync: only the accounts and users whose state changed.")
     reconciler("sync")
     print("\nSync history:")
     reconciler("history")
+    print("\nWhat ChartMogul acknowledged for COBOL Ltd:")
+    reconciler("account", "2")
     server.shutdown()
 
 

@@ -25,14 +25,16 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .causes import cause_of
-from .config import PROFILE_FIELDS, Config, is_loopback_host, load_config
+from .config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config, is_loopback_host, load_config
 from .db import HEAD_REVISION, database_error, migrate, shown_url, source_engine, state_engine
 from .errors import ConfigError, DatabaseError, SourceEntryError
+from .fields import account_fields
 from .redact import Redactor, for_config, mask_webhook
 from .source import ReadStats, profile_fields, read_rows, trait_json
 
 SAMPLE_ROWS = 5
-_COLUMNS = {"audience": ("user_id",), "trait": ("user_id", "value")}
+_COLUMNS = {("contact", "audience"): ("user_id",), ("contact", "trait"): ("user_id", "value"),
+            ("customer", "audience"): ("group_id",), ("customer", "trait"): ("group_id", "value")}
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,12 @@ def _state(config: Config, report: Report) -> Check:
 def _source(config: Config) -> list[Check]:
     """The source database, then each query on it."""
     queries: list[tuple[str, str, Callable[[Connection, str, str], str]]] = [
-        (entry.label, entry.query, _entry_checker(entry.kind)) for entry in config.entries]
+        (entry.label, entry.query, _entry_checker(entry.entity, entry.kind))
+        for entry in config.entries]
     if config.profile_query:
         queries.append(("[profile]", config.profile_query, _profile_sample))
+    if config.accounts_query:
+        queries.append(("[accounts]", config.accounts_query, _accounts_sample))
     engine = source_engine(config.source_url)
     try:
         conn = engine.connect()
@@ -158,8 +163,8 @@ def _read_only(conn: Connection, sample: Callable[[Connection, str, str], str], 
     return sample(conn, label, query)
 
 
-def _entry_checker(kind: str) -> Callable[[Connection, str, str], str]:
-    columns = _COLUMNS.get(kind)
+def _entry_checker(entity: str, kind: str) -> Callable[[Connection, str, str], str]:
+    columns = _COLUMNS.get((entity, kind))
 
     def sample(conn: Connection, label: str, query: str) -> str:
         if columns is None:
@@ -179,6 +184,13 @@ def _profile_sample(conn: Connection, label: str, query: str) -> str:
     return _described(rows, stats)
 
 
+def _accounts_sample(conn: Connection, label: str, query: str) -> str:
+    rows, stats = _rows(conn, label, query, ("group_id", "user_id"), ACCOUNT_FIELDS)
+    for group_id, _user_id, *values in rows:
+        account_fields(group_id, stats.columns[2:], values)
+    return _described(rows, stats)
+
+
 def _rows(conn: Connection, label: str, query: str, columns: tuple[str, ...],
           optional: tuple[str, ...] = ()) -> tuple[list[Any], ReadStats]:
     """The first rows, read as a run reads them, and what reading them found."""
@@ -195,7 +207,7 @@ def _rows(conn: Connection, label: str, query: str, columns: tuple[str, ...],
 def _described(rows: list[Any], stats: ReadStats) -> str:
     read = _count(len(rows), "sample row") if rows else "the query returns no rows"
     if stats.ignored:
-        read += f" and {stats.ignored} without a user_id (ignored)"
+        read += f" and {stats.ignored} without a {stats.columns[0]} (ignored)"
     return f"{read}; columns {', '.join(stats.columns)}"
 
 

@@ -31,6 +31,7 @@ from .config import Config, config_path, load_config
 from .daemon import require_schedule, run_daemon
 from .db import database_error, migrate, state_engine
 from .errors import ReconcilerError, UsageError
+from .fields import field_keys
 from .guard import proceed_command, resolve_accepted
 from .redact import Redactor, for_config, install_log_redaction
 from .retention import prune_now
@@ -132,7 +133,8 @@ def _print_json(data: Any) -> None:
 @click.version_option(package_name="reconciler")
 @click.pass_context
 def main(ctx: click.Context, config_file: str | None) -> None:
-    """Sync SQL audiences and computed traits to ChartMogul's Send Contact webhook."""
+    """Sync SQL audiences and computed traits to ChartMogul's Send Contact and Send
+    Customer webhook."""
     if config_file is not None:
         # The default of every command's own --config, so one given there still wins.
         ctx.default_map = {**(ctx.default_map or {}),
@@ -200,7 +202,8 @@ def _resync_keys(config: Config, key: str | None) -> list[str]:
     keys = [e.key for e in config.entries]
     if key is not None and key not in keys:
         raise UsageError(f'unknown key "{key}"; known keys: {", ".join(keys) or "none"}')
-    return [key] if key else keys
+    # A full resync sends the account (and diffed contact) fields again too.
+    return [key] if key else keys + sorted({k for _, k in field_keys(config)})
 
 
 def _run(config: Config, engine: Engine, options: RunOptions, as_json: bool) -> RunResult:
@@ -354,6 +357,21 @@ def user_command(user_id: str, config_file: str | None, as_json: bool) -> None:
     views.print_user(views.console(), data)
 
 
+@main.command("account")
+@click.argument("group_id")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the account's state as JSON.")
+@_handle_errors
+def account_command(group_id: str, config_file: str | None, as_json: bool) -> None:
+    """One account's acknowledged state and timeline of changes and deliveries."""
+    _, engine = _setup(config_file)
+    data = _read(engine, lambda conn: history_core.account_timeline(conn, group_id))
+    if as_json:
+        _print_json(data)
+        return
+    views.print_user(views.console(), data)
+
+
 def _read(engine: Engine, query: Callable[[Any], Any]) -> Any:
     try:
         with engine.connect() as conn:
@@ -373,12 +391,15 @@ def _print_result(result: RunResult, as_json: bool) -> None:
         return
     click.echo(
         f"run {result.run_id} {result.status}: {result.users_seen} users seen, "
-        f"{result.users_changed} changed (entered {result.entered}, exited {result.exited}, "
+        f"{result.users_changed} changed"
+        + (f"; {result.accounts_seen} accounts seen, {result.accounts_changed} changed"
+           if result.accounts_seen or result.accounts_changed else "")
+        + f" (entered {result.entered}, exited {result.exited}, "
         f"traits {result.traits_changed}{_resent(result.resent)}); sent {result.sent}, "
         f"failed {result.failed}, "
         f"skipped {result.skipped}, pending {result.pending}"
-        + (f"; ignored {result.rows_ignored} rows without user_id" if result.rows_ignored
-           else "")
+        + (f"; ignored {result.rows_ignored} rows without user_id (or group_id)"
+           if result.rows_ignored else "")
         + (f"; emails left out: {result.emails_left_out}" if result.emails_left_out else "")
         + (f"; linked_in left out: {result.linked_in_left_out}" if result.linked_in_left_out
            else "")
@@ -392,6 +413,8 @@ def _resent(count: int) -> str:
 
 def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
     data = {"users_seen": report.users_seen, "users_changed": report.counts.users,
+            "accounts_seen": report.accounts_seen,
+            "accounts_changed": report.counts.accounts,
             "entered": report.counts.entered, "exited": report.counts.exited,
             "traits_changed": report.counts.traits_changed, "skipped": report.counts.skipped,
             "resent": report.resent, "still_pending": report.kept,
@@ -401,8 +424,12 @@ def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
     if as_json:
         _print_json(data)
         return
-    click.echo(f"dry run: {report.users_seen} users seen; would send {report.counts.users} "
-               f"updates (entered {report.counts.entered}, exited {report.counts.exited}, "
+    with_accounts = bool(report.accounts_seen or report.counts.accounts)
+    seen = f", {report.accounts_seen} accounts seen" if with_accounts else ""
+    accounts = f" and {report.counts.accounts} account updates" if with_accounts else ""
+    click.echo(f"dry run: {report.users_seen} users seen{seen}; would send "
+               f"{report.counts.users} updates{accounts} "
+               f"(entered {report.counts.entered}, exited {report.counts.exited}, "
                f"traits {report.counts.traits_changed}{_resent(report.resent)}, "
                f"skipped {report.counts.skipped}); "
                f"{report.kept} earlier updates kept as they are (pending, or rejected and "

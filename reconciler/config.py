@@ -27,26 +27,37 @@ PROFILE_FIELDS = (
     "anonymous_id", "email", "first_name", "last_name", "name", "title", "phone",
     "linked_in", "twitter", "company_id", "company_name",
 )
+# The optional columns of the [accounts] query (SPEC §9), beside group_id and user_id.
+ACCOUNT_FIELDS = (
+    "name", "description", "email", "website", "created_at", "street", "city", "state",
+    "postal_code", "country",
+)
 MAX_CONCURRENCY = 20  # ChartMogul answers 503 above 20 parallel connections.
 MAX_KEY_LENGTH = 255  # the state database's key columns
 DEFAULT_DATABASE_URL = "sqlite:///reconciler.db"
 
 Kind = Literal["audience", "trait"]
+# What an entry is about: users (Send Contact) or accounts (Send Customer, SPEC §9).
+Entity = Literal["contact", "customer"]
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One `[[audiences]]` or `[[traits]]` table."""
+    """One `[[audiences]]`, `[[traits]]`, `[[account_audiences]]` or `[[account_traits]]`
+    table."""
 
     kind: Kind
     name: str
     key: str
     query: str
+    entity: Entity = "contact"
 
     @property
     def label(self) -> str:
-        """How messages name the entry: `audience "High Value Users"`."""
-        return f'{self.kind} "{self.name}"'
+        """How messages name the entry: `audience "High Value Users"`, `account trait
+        "Seats"`."""
+        prefix = "account " if self.entity == "customer" else ""
+        return f'{prefix}{self.kind} "{self.name}"'
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,10 @@ class Config:
     entries: tuple[Entry, ...]
     profile_query: str | None = None
     schedule: Schedule | None = None
+    # [accounts] query (SPEC §9); account entries need it.
+    accounts_query: str | None = None
+    # [profile] send_changes: a change of a contact field alone sends an update.
+    profile_send_changes: bool = False
     daemon: Daemon = field(default_factory=Daemon)
     history: History = field(default_factory=History)
     safety: Safety = field(default_factory=Safety)
@@ -143,7 +158,7 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
 
 
 _TOP = ("database", "source", "destination", "schedule", "profile", "audiences", "traits",
-        "daemon", "history", "safety")
+        "daemon", "history", "safety", "accounts", "account_audiences", "account_traits")
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "database": ("url",),
     "source": ("url",),
@@ -151,9 +166,12 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
                     "timeout_seconds", "max_attempts", "custom_attributes",
                     "retry_budget_seconds"),
     "schedule": ("interval_minutes", "cron"),
-    "profile": ("query",),
+    "profile": ("query", "send_changes"),
     "audiences": ("name", "key", "query"),
     "traits": ("name", "key", "query"),
+    "accounts": ("query",),
+    "account_audiences": ("name", "key", "query"),
+    "account_traits": ("name", "key", "query"),
     "daemon": ("metrics_port", "metrics_host"),
     "history": ("keep_days",),
     "safety": ("max_exit_share", "min_members"),
@@ -293,6 +311,18 @@ class _Reader:
         entries = self.entries(raw)
         profile = self.table(raw, "profile")
         profile_query = self.query(profile, "[profile]") if profile is not None else None
+        send_changes = bool(self.typed(profile or {}, "send_changes", bool, "[profile]",
+                                       False, "true or false"))
+        accounts = self.table(raw, "accounts")
+        accounts_query = (self.query(accounts, "[accounts]", "group_id, user_id")
+                          if accounts is not None else None)
+        account_entry = next((e for e in entries if e.entity == "customer"), None)
+        if account_entry is not None and accounts_query is None:
+            raise self.fail(_section_label(account_entry),
+                            "needs an [accounts] section (the account fields and the user "
+                            "each account is sent for)",
+                            'add [accounts] with query = "SELECT group_id, user_id, name '
+                            'FROM ..."')
         return Config(
             path=self.where,
             database_url=database_url,
@@ -304,6 +334,8 @@ class _Reader:
             daemon=self.daemon(raw),
             history=self.history(raw),
             safety=self.safety(raw),
+            accounts_query=accounts_query,
+            profile_send_changes=send_changes,
         )
 
     def destination(self, raw: Mapping[str, Any], env: Mapping[str, str]) -> Destination:
@@ -332,15 +364,15 @@ class _Reader:
                                                    defaults.retry_budget_seconds, 0)),
         )
 
-    def query(self, table: Mapping[str, Any], entry: str) -> str:
+    def query(self, table: Mapping[str, Any], entry: str, columns: str = "user_id") -> str:
         query = self.typed(table, "query", str, entry, type_name="a string")
         if query is None or not query.strip():
-            raise self.fail(entry, "has no query", 'add query = "SELECT user_id ..."')
+            raise self.fail(entry, "has no query", f'add query = "SELECT {columns} ..."')
         return str(query)
 
     def entries(self, raw: Mapping[str, Any]) -> tuple[Entry, ...]:
         found: list[Entry] = []
-        for section, kind in (("audiences", "audience"), ("traits", "trait")):
+        for section, kind, entity in _ENTRY_SECTIONS:
             tables = raw.get(section, [])
             if not isinstance(tables, list):
                 raise self.fail(section, f"must be an array of tables, got {_describe(tables)}",
@@ -355,7 +387,8 @@ class _Reader:
                 if not name or not name.strip():
                     raise self.fail(label, "has no name", 'add name = "..."')
                 label = f'[[{section}]] "{name}"'
-                query = self.query(table, label)
+                query = self.query(table, label,
+                                   "group_id" if entity == "customer" else "user_id")
                 key = self.typed(table, "key", str, label, type_name="a string")
                 if key is not None:
                     if not EXPLICIT_KEY.match(key):
@@ -371,7 +404,7 @@ class _Reader:
                                     f'use a shorter name or set key = "..." (at most '
                                     f"{MAX_KEY_LENGTH})")
                 found.append(Entry(kind=kind, name=name, key=key,  # type: ignore[arg-type]
-                                   query=query))
+                                   query=query, entity=entity))  # type: ignore[arg-type]
         by_key: dict[str, Entry] = {}
         for entry in found:
             other = by_key.get(entry.key)
@@ -432,6 +465,8 @@ class _Reader:
         members = self.number(table, "min_members", entry, defaults.min_members, 1,
                               integer=True)
         return Safety(max_exit_share=float(share), min_members=members)
+
+
 def resolve_sqlite_path(url: str, base: Path) -> str:
     """`url` with a relative SQLite file path made absolute against `base`.
 
@@ -446,6 +481,18 @@ def resolve_sqlite_path(url: str, base: Path) -> str:
         return url
     absolute = os.path.abspath(os.path.join(base, path))
     return parsed.set(database=absolute).render_as_string(hide_password=False)
+
+
+_ENTRY_SECTIONS = (("audiences", "audience", "contact"), ("traits", "trait", "contact"),
+                   ("account_audiences", "audience", "customer"),
+                   ("account_traits", "trait", "customer"))
+
+
+def _section_label(entry: Entry) -> str:
+    """`[[account_traits]] "Seats"`: the entry as the config file writes it."""
+    section = next(s for s, kind, entity in _ENTRY_SECTIONS
+                   if kind == entry.kind and entity == entry.entity)
+    return f'[[{section}]] "{entry.name}"'
 
 
 def _check_driver(url: URL, fail: Any, origin: str) -> None:

@@ -133,8 +133,10 @@ def _resent(count: int) -> str:
 
 def _log_run(result: RunResult, trigger: str, seconds: float) -> None:
     message = (f"run {result.run_id} {result.status} in {seconds:.1f}s: "
-               f"{result.users_seen} users seen, {result.users_changed} changed "
-               f"(entered {result.entered}, exited {result.exited}, traits "
+               f"{result.users_seen} users seen, {result.users_changed} changed"
+               + (f"; {result.accounts_seen} accounts seen, {result.accounts_changed} changed"
+                  if result.accounts_seen or result.accounts_changed else "")
+               + f" (entered {result.entered}, exited {result.exited}, traits "
                f"{result.traits_changed}{_resent(result.resent)}); sent {result.sent}, "
                f"failed {result.failed}, "
                f"skipped {result.skipped}, pending {result.pending}")

@@ -1,6 +1,9 @@
-"""Reading sync history back (SPEC §4 `history`, `show`, `user`) as plain dicts.
+"""Reading sync history back (SPEC §4 `history`, `show`, `user`, `account`) as plain
+dicts.
 
 Every time is ISO 8601 UTC; every dict is JSON-ready and is what `--json` prints.
+Changes and deliveries name their `entity` (`contact` or `customer`); a customer's
+`user_id` is its group_id.
 """
 
 from __future__ import annotations
@@ -80,11 +83,12 @@ def run_summary(state: Connection, run_id: int) -> dict[str, Any]:
 def run_changes(state: Connection, run_id: int,
                 limit: int | None = None) -> list[dict[str, Any]]:
     """The (user, key) changes recorded by a run, with their update's id and status."""
-    query = (select(changes.c.user_id, changes.c.key, changes.c.kind, changes.c.old_value,
-                    changes.c.new_value, updates.c.message_id, updates.c.status,
-                    updates.c.note)
+    query = (select(updates.c.entity, changes.c.user_id, changes.c.key, changes.c.kind,
+                    changes.c.old_value, changes.c.new_value, updates.c.message_id,
+                    updates.c.status, updates.c.note)
              .join(updates, updates.c.id == changes.c.update_id)
-             .where(changes.c.run_id == run_id).order_by(changes.c.user_id, changes.c.key)
+             .where(changes.c.run_id == run_id)
+             .order_by(updates.c.entity.desc(), changes.c.user_id, changes.c.key)
              .limit(limit))
     return [{**_row(c), "old_value": _value(c.old_value), "new_value": _value(c.new_value)}
             for c in state.execute(query)]
@@ -93,7 +97,8 @@ def run_changes(state: Connection, run_id: int,
 def run_deliveries(state: Connection, run_id: int, limit: int | None = None,
                    unacknowledged_only: bool = False) -> list[dict[str, Any]]:
     """The HTTP attempts a run made, in the order they were recorded."""
-    query = (select(updates.c.user_id, updates.c.message_id, deliveries.c.attempt,
+    query = (select(updates.c.entity, updates.c.user_id, updates.c.message_id,
+                    deliveries.c.attempt,
                     deliveries.c.sent_at, deliveries.c.status_code, deliveries.c.outcome,
                     deliveries.c.latency_ms, deliveries.c.error)
              .join(updates, updates.c.id == deliveries.c.update_id)
@@ -112,12 +117,22 @@ def run_totals(state: Connection, run_id: int) -> dict[str, int]:
             "unacknowledged": count(deliveries, deliveries.c.outcome != "acknowledged")}
 
 
-def user_timeline(state: Connection, user_id: str) -> dict[str, Any]:
+def account_timeline(state: Connection, group_id: str) -> dict[str, Any]:
+    """An account's acknowledged state per key (its fields as `@name`, ...) and every
+    update made for it."""
+    timeline = user_timeline(state, group_id, "customer")
+    del timeline["user_id"]
+    return {"group_id": group_id, **timeline}
+
+
+def user_timeline(state: Connection, user_id: str, entity: str = "contact") -> dict[str, Any]:
     """A user's acknowledged state per key and every update made for them."""
     state_rows = state.execute(select(acked.c.key, acked.c.value, acked.c.acked_at)
-                               .where(acked.c.user_id == user_id).order_by(acked.c.key))
+                               .where(acked.c.entity == entity, acked.c.user_id == user_id)
+                               .order_by(acked.c.key))
     timeline = []
-    for u in state.execute(select(updates).where(updates.c.user_id == user_id)
+    for u in state.execute(select(updates).where(updates.c.entity == entity,
+                                                 updates.c.user_id == user_id)
                            .order_by(updates.c.id)):
         timeline.append({
             "run_id": u.run_id, "message_id": u.message_id, "status": u.status,

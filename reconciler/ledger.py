@@ -60,17 +60,19 @@ def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
                        "AND message_id IN (SELECT message_id FROM plan)"))
     state.execute(text("""
         INSERT INTO updates (id, message_id, user_id, version, resync_run_id, run_id,
-                             observed_at, status, body, note, attempts)
+                             observed_at, status, body, note, attempts, entity)
         SELECT :base + p.seq, p.message_id, p.user_id, p.version, p.resync_run_id, :run,
-               :observed, p.status, p.body, p.note, 0
+               :observed, p.status, p.body, p.note, 0, p.entity
         FROM plan AS p
         WHERE NOT EXISTS (SELECT 1 FROM updates AS u WHERE u.message_id = p.message_id)
     """).bindparams(bindparam("observed", type_=updates.c.observed_at.type)),
         {"base": base, "run": run_id, "observed": observed_at})
     state.execute(text("""
-        INSERT INTO changes (update_id, run_id, user_id, key, kind, old_value, new_value)
-        SELECT :base + p.seq, :run, d.user_id, d.key, d.kind, d.old_value, d.new_value
-        FROM diff AS d JOIN plan AS p ON p.user_id = d.user_id
+        INSERT INTO changes (update_id, run_id, user_id, key, kind, old_value, new_value,
+                             entity)
+        SELECT :base + p.seq, :run, d.user_id, d.key, d.kind, d.old_value, d.new_value,
+               d.entity
+        FROM diff AS d JOIN plan AS p ON p.entity = d.entity AND p.user_id = d.user_id
         WHERE EXISTS (SELECT 1 FROM updates AS u WHERE u.id = :base + p.seq)
     """), {"base": base, "run": run_id})
     skipped = "SELECT id FROM updates WHERE run_id = :run AND status = 'skipped'"
@@ -92,21 +94,21 @@ def acknowledge(state: Connection, ids_sql: str, params: dict[str, Any], status:
                        f"settled_at = :now WHERE id IN ({ids_sql})").bindparams(stamp), args)
     # `WHERE true` keeps SQLite's parser from reading ON CONFLICT as a join clause.
     state.execute(text(f"""
-        INSERT INTO acked (user_id, key, value, update_id, acked_at)
-        SELECT c.user_id, c.key, c.new_value, c.update_id, :now
+        INSERT INTO acked (entity, user_id, key, value, update_id, acked_at)
+        SELECT c.entity, c.user_id, c.key, c.new_value, c.update_id, :now
         FROM changes AS c WHERE c.update_id IN ({ids_sql}) AND true
-        ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value,
+        ON CONFLICT (entity, user_id, key) DO UPDATE SET value = excluded.value,
             update_id = excluded.update_id, acked_at = excluded.acked_at
     """).bindparams(stamp), args)
     state.execute(text(f"""
-        INSERT INTO ack_versions (user_id, version)
-        SELECT user_id, 1 FROM updates WHERE id IN ({ids_sql}) AND true
-        ON CONFLICT (user_id) DO UPDATE SET version = ack_versions.version + 1
+        INSERT INTO ack_versions (entity, user_id, version)
+        SELECT entity, user_id, 1 FROM updates WHERE id IN ({ids_sql}) AND true
+        ON CONFLICT (entity, user_id) DO UPDATE SET version = ack_versions.version + 1
     """), args)
     state.execute(text(f"""
         DELETE FROM uncertain_keys
-        WHERE (user_id, key) IN (SELECT c.user_id, c.key FROM changes AS c
-                                 WHERE c.update_id IN ({ids_sql}))
+        WHERE (entity, user_id, key) IN (SELECT c.entity, c.user_id, c.key FROM changes AS c
+                                         WHERE c.update_id IN ({ids_sql}))
     """), args)
 
 
@@ -118,10 +120,10 @@ def mark_uncertain(state: Connection, update_ids: Sequence[int], now: datetime) 
     stamp = bindparam("now", type_=uncertain_keys.c.since.type)
     listed = ", ".join(str(int(i)) for i in update_ids)
     state.execute(text(f"""
-        INSERT INTO uncertain_keys (user_id, key, update_id, since)
-        SELECT c.user_id, c.key, c.update_id, :now
+        INSERT INTO uncertain_keys (entity, user_id, key, update_id, since)
+        SELECT c.entity, c.user_id, c.key, c.update_id, :now
         FROM changes AS c WHERE c.update_id IN ({listed}) AND true
-        ON CONFLICT (user_id, key) DO UPDATE SET update_id = excluded.update_id
+        ON CONFLICT (entity, user_id, key) DO UPDATE SET update_id = excluded.update_id
     """).bindparams(stamp), {"now": now})
 
 
@@ -215,15 +217,20 @@ def mark_in_flight(state: Connection, update_ids: list[int], now: datetime) -> N
                   .values(in_flight_since=now))
 
 
-def pending_page(state: Connection, after_id: int, limit: int) -> list[tuple[int, str, str]]:
-    """(id, message_id, body) of pending updates after `after_id`, oldest first."""
-    rows = state.execute(
-        select(updates.c.id, updates.c.message_id, updates.c.body)
-        .where(updates.c.status == "pending", updates.c.id > after_id)
-        .order_by(updates.c.id).limit(limit)).all()
+def pending_page(state: Connection, after_id: int, limit: int,
+                 entity: str | None = None) -> list[tuple[int, str, str]]:
+    """(id, message_id, body) of pending updates after `after_id` (of one `entity`, if
+    given), oldest first."""
+    query = (select(updates.c.id, updates.c.message_id, updates.c.body)
+             .where(updates.c.status == "pending", updates.c.id > after_id))
+    if entity is not None:
+        query = query.where(updates.c.entity == entity)
+    rows = state.execute(query.order_by(updates.c.id).limit(limit)).all()
     return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
 
-def count_pending(state: Connection) -> int:
-    return int(state.execute(select(func.count()).select_from(updates)
-                             .where(updates.c.status == "pending")).scalar_one())
+def count_pending(state: Connection, entity: str | None = None) -> int:
+    query = select(func.count()).select_from(updates).where(updates.c.status == "pending")
+    if entity is not None:
+        query = query.where(updates.c.entity == entity)
+    return int(state.execute(query).scalar_one())

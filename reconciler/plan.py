@@ -1,9 +1,10 @@
-"""Turning the diff into Identify updates: one per changed user (SPEC §1.3, §7).
+"""Turning the diff into updates: one per changed user or account (SPEC §1.3, §7, §9).
 
-Streams `diff` ordered by user, joined with the user's acknowledged version and
-contact fields, and writes one row per user into the temp table `plan` with its
-deterministic message id and its Send Contact body. Only changed users pass through
-Python; everything else stays in SQL.
+Streams `diff` ordered by id, joined with the acknowledged version and the contact
+(or account) fields, and writes one row per user (account) into the temp table `plan`
+with its deterministic message id and its Send Contact (Send Customer) body. Accounts
+are planned first, so their updates get the smaller ids. Only changed users and
+accounts pass through Python; everything else stays in SQL.
 """
 
 from __future__ import annotations
@@ -22,28 +23,36 @@ from typing import Any
 from sqlalchemy import Connection
 
 from .contact import build_contact
+from .customer import build_customer
 from .source import TRUE
 
 BATCH = 5_000
 
 
 def message_id(user_id: str, version: int, resync_run_id: int | None,
-               changed: Sequence[tuple[str, str]]) -> str:
+               changed: Sequence[tuple[str, str]], entity: str = "contact") -> str:
     """The id of one logical update: same user, keys, values, version, resync ⇒ same id.
 
     `changed` holds (key, canonical JSON value) pairs in key order. Keys are
-    `[a-z0-9_]` and JSON text escapes control characters, so the separators below
-    cannot occur inside a part; the user id is length-prefixed.
+    `[a-z0-9_]` (fields `@[a-z_]`) and JSON text escapes control characters, so the
+    separators below cannot occur inside a part; the user id is length-prefixed.
+    An account's (`entity` customer) parts start with the entity kind, which no
+    contact's first part (`<length>:<id>`) can equal; a contact's ids are what they
+    were before accounts existed.
     """
-    canonical = "\x1f".join((f"{len(user_id)}:{user_id}", str(version), str(resync_run_id),
-                              *(f"{key}={value}" for key, value in changed)))
+    parts = (f"{len(user_id)}:{user_id}", str(version), str(resync_run_id),
+             *(f"{key}={value}" for key, value in changed))
+    if entity != "contact":
+        parts = (entity, *parts)
+    canonical = "\x1f".join(parts)
     digest = hashlib.sha256(canonical.encode()).digest()
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
 @dataclass
 class PlanCounts:
-    users: int = 0
+    users: int = 0  # contacts with an update
+    accounts: int = 0  # accounts with an update
     entered: int = 0
     exited: int = 0
     traits_changed: int = 0
@@ -54,81 +63,108 @@ class PlanCounts:
 
 
 def count_diff(state: Connection) -> PlanCounts:
-    """What `fill_plan` would count, from `diff` in SQL, skips aside (none can occur
-    with custom attributes: every body carries its changed keys) and fields left out
-    (not counted: only building the bodies finds them)."""
-    users, entered, exited, traits = state.exec_driver_sql(f"""
-        SELECT COUNT(DISTINCT user_id),
+    """What `fill_plan` would count, from `diff` in SQL. Contacts' skips aside: none
+    can occur with custom attributes and without contact field changes (every body
+    carries its changed keys); an account's (no user_id) are counted. Fields left out
+    are not counted: only building the bodies finds them."""
+    users, accounts, entered, exited, traits = state.exec_driver_sql(f"""
+        SELECT COUNT(DISTINCT CASE WHEN entity = 'contact' THEN user_id END),
+               COUNT(DISTINCT CASE WHEN entity = 'customer' THEN user_id END),
                SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
                SUM(CASE WHEN kind = 'audience' AND new_value <> '{TRUE}' THEN 1 ELSE 0 END),
                SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
         FROM diff""").one()
-    return PlanCounts(users=users, entered=entered or 0, exited=exited or 0,
-                      traits_changed=traits or 0)
+    skipped = state.exec_driver_sql("""
+        SELECT COUNT(*) FROM (SELECT DISTINCT d.user_id FROM diff AS d
+                              LEFT JOIN accounts AS a ON a.group_id = d.user_id
+                              WHERE d.entity = 'customer' AND a.user_id IS NULL) AS s
+    """).scalar_one() if accounts else 0
+    return PlanCounts(users=users, accounts=accounts, entered=entered or 0,
+                      exited=exited or 0, traits_changed=traits or 0, skipped=skipped)
 
 
 def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | None,
               custom_attributes: bool, max_users: int | None = None) -> PlanCounts:
-    """Write `plan` from `diff` (its first `max_users` users by id, if given); return
-    what it holds."""
+    """Write `plan` from `diff` (of each entity, its first `max_users` by id, if given);
+    return what it holds. Accounts come first: their updates get the smaller ids."""
     counts = PlanCounts()
     mark = "?" if state.dialect.name == "sqlite" else "%s"
-    insert = f"INSERT INTO plan VALUES ({', '.join([mark] * 8)})"
+    insert = ("INSERT INTO plan (seq, user_id, message_id, version, resync_run_id, body, "
+              f"status, note, entity) VALUES ({', '.join([mark] * 9)})")
     # DBAPI cursors: this loop sees every changed user, and SQLAlchemy's per-row
     # machinery would cost more than the work itself.
     writer = state.connection.cursor()
     batch: list[tuple[Any, ...]] = []
-    with closing(_changed_users(state)) as changed_users:
-        for seq, (user_id, rows) in enumerate(changed_users, 1):
-            if max_users is not None and seq > max_users:
-                break
-            version = rows[0][4] or 0
-            forced = any(row[3] for row in rows)
-            resync = resync_run_id if forced else None
-            changed = [(row[0], row[2]) for row in rows]
-            mid = message_id(user_id, version, resync, changed)
-            profile = json.loads(rows[0][5]) if rows[0][5] else {}
-            contact = build_contact(mid, observed_at, user_id, profile,
-                                    [(key, json.loads(value)) for key, value in changed],
-                                    custom_attributes)
-            note = "; ".join(n for n in (contact.skip, contact.note) if n) or None
-            batch.append((seq, user_id, mid, version, resync, contact.text,
-                          "skipped" if contact.skip else "pending", note))
-            counts.users += 1
-            counts.skipped += contact.skip is not None
-            if contact.left_out:
-                counts.emails_left_out += "email" in contact.left_out
-                counts.linked_in_left_out += "linked_in" in contact.left_out
-            for _key, kind, value, _forced, _version, _profile in rows:
-                if kind == "trait":
-                    counts.traits_changed += 1
-                elif value == TRUE:
-                    counts.entered += 1
+    seq = 0
+    # No account keys this run, no account rows in the diff: spare a scan of it.
+    accounts = state.exec_driver_sql(
+        "SELECT COUNT(*) FROM run_keys WHERE entity = 'customer' AND failed = 0").scalar_one()
+    for entity in ("customer", "contact") if accounts else ("contact",):
+        with closing(_changed_users(state, entity)) as changed_users:
+            for number, (user_id, rows) in enumerate(changed_users, 1):
+                if max_users is not None and number > max_users:
+                    break
+                seq += 1
+                version = rows[0][4] or 0
+                forced = any(row[3] for row in rows)
+                resync = resync_run_id if forced else None
+                changed = [(row[0], row[2]) for row in rows]
+                mid = message_id(user_id, version, resync, changed, entity)
+                data = json.loads(rows[0][5]) if rows[0][5] else {}
+                # Fields ride in the body's own keys, never in `custom`.
+                custom = [(row[0], json.loads(row[2])) for row in rows if row[1] != "field"]
+                body = (build_contact(mid, observed_at, user_id, data, custom,
+                                      custom_attributes) if entity == "contact" else
+                        build_customer(mid, observed_at, user_id, rows[0][6], data, custom,
+                                       custom_attributes))
+                note = "; ".join(n for n in (body.skip, body.note) if n) or None
+                batch.append((seq, user_id, mid, version, resync, body.text,
+                              "skipped" if body.skip else "pending", note, entity))
+                if entity == "contact":
+                    counts.users += 1
                 else:
-                    counts.exited += 1
-            if len(batch) >= BATCH:
-                writer.executemany(insert, batch)
-                batch = []
+                    counts.accounts += 1
+                counts.skipped += body.skip is not None
+                counts.emails_left_out += "email" in body.left_out
+                counts.linked_in_left_out += "linked_in" in body.left_out
+                for _key, kind, value, *_ in rows:
+                    if kind == "trait":
+                        counts.traits_changed += 1
+                    elif kind == "audience":
+                        if value == TRUE:
+                            counts.entered += 1
+                        else:
+                            counts.exited += 1
+                if len(batch) >= BATCH:
+                    writer.executemany(insert, batch)
+                    batch = []
     if batch:
         writer.executemany(insert, batch)
     writer.close()
-    state.exec_driver_sql("CREATE INDEX plan_user ON plan (user_id)")
+    state.exec_driver_sql("CREATE INDEX plan_user ON plan (entity, user_id)")
     state.exec_driver_sql("CREATE INDEX plan_message ON plan (message_id)")
     return counts
 
 
-def _changed_users(state: Connection) -> Generator[tuple[str, list[tuple[Any, ...]]]]:
-    """(user_id, [(key, kind, new_value, forced, version, profile), ...]) by user."""
+def _changed_users(state: Connection, entity: str
+                   ) -> Generator[tuple[str, list[tuple[Any, ...]]]]:
+    """(id, [(key, kind, new_value, forced, version, data[, account user_id]), ...]) by
+    id, for one entity: contacts with their profile, accounts with their fields and
+    the user they are sent for."""
     raw = state.connection.driver_connection
     assert raw is not None
     # A server-side cursor on PostgreSQL, so the diff is streamed, never held whole;
     # `plan` is written on this same connection meanwhile, which both backends allow.
     reader = raw.cursor("plan_diff") if state.dialect.name == "postgresql" else raw.cursor()
-    reader.execute("""
-        SELECT d.user_id, d.key, d.kind, d.new_value, d.forced, v.version, p.data
-        FROM diff AS d
-        LEFT JOIN ack_versions AS v ON v.user_id = d.user_id
-        LEFT JOIN profile AS p ON p.user_id = d.user_id
+    if entity == "contact":
+        record = "p.data FROM diff AS d LEFT JOIN profile AS p ON p.user_id = d.user_id"
+    else:
+        record = ("a.data, a.user_id FROM diff AS d "
+                  "LEFT JOIN accounts AS a ON a.group_id = d.user_id")
+    reader.execute(f"""
+        SELECT d.user_id, d.key, d.kind, d.new_value, d.forced, v.version, {record}
+        LEFT JOIN ack_versions AS v ON v.entity = d.entity AND v.user_id = d.user_id
+        WHERE d.entity = '{entity}'
         ORDER BY d.user_id, d.key
     """)
     try:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from .causes import explain, join
@@ -49,7 +49,7 @@ from .lock import RunLock
 from .plan import PlanCounts, count_diff, fill_plan
 from .redact import for_config
 from .retention import prune_after_run
-from .schema import entry_keys
+from .schema import entry_keys, updates
 from .sender import Delivery, Job, Sender
 from .snapshot import (
     Snapshot,
@@ -66,6 +66,9 @@ FLUSH_EVERY = 100
 FLUSH_SECONDS = 0.25
 
 LOCK_LOST = "stopped sending: the run lock was lost (its lease could not be renewed)"
+# Accounts before contacts (SPEC §9): ChartMogul learns of a company before the contacts
+# that name it. Every pending account update is settled before the first contact goes.
+SEND_ORDER = ("customer", "contact")
 
 Progress = Callable[[int, int], None]
 
@@ -89,6 +92,12 @@ class RunResult:
     guard: Verdict | None = None  # the safety guard's verdict, once the diff was judged
     emails_left_out: int = 0
     linked_in_left_out: int = 0
+    accounts_seen: int = 0
+    accounts_changed: int = 0
+    # sent, failed, skipped and pending updates of each entity (`contact`, `customer`)
+    by_kind: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        kind: dict.fromkeys(("sent", "failed", "skipped", "pending"), 0)
+        for kind in SEND_ORDER})
 
     @property
     def exit_status(self) -> int:
@@ -109,6 +118,7 @@ class DryRunReport:
     sample: list[dict[str, Any]] = field(default_factory=list)
     guard: Verdict = field(default_factory=Verdict)
     resent: int = 0
+    accounts_seen: int = 0
 
     @property
     def exit_status(self) -> int:
@@ -203,10 +213,11 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
     """
     try:
         with engine.connect() as state:
-            # With custom attributes no body can be skipped (each carries its changed
-            # keys), so the counts come from the diff in SQL and only the sample is
-            # built; without them, every body is built to count the skips.
-            fast = config.destination.custom_attributes
+            # With custom attributes no contact body can be skipped (each carries its
+            # changed keys), unless a contact field change alone makes one, and an
+            # account's skip is told in SQL; so the counts come from the diff in SQL and
+            # only the sample is built. Otherwise every body is built to count skips.
+            fast = config.destination.custom_attributes and not config.profile_send_changes
             snapshot = _snapshot_and_diff(config, state, (), sample_size if fast else None)
             observed_at = snapshot.source.taken_at
             verdict = check_exits(state, config.safety, audience_keys(config), accept_exits)
@@ -214,9 +225,10 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
                                 max_users=sample_size if fast else None)
             counts, resent = _split_resent(state, count_diff(state) if fast else planned)
             kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
-            rows = state.exec_driver_sql(
-                "SELECT body, status, note FROM plan ORDER BY seq LIMIT "
-                f"{int(sample_size)}").all()
+            # The sample: the first accounts, then the first contacts.
+            rows = [row for entity in SEND_ORDER for row in state.exec_driver_sql(
+                f"SELECT body, status, note FROM plan WHERE entity = '{entity}' "
+                f"ORDER BY seq LIMIT {int(sample_size)}").all()]
             state.rollback()
             drop_temp_tables(state)
             state.commit()
@@ -226,7 +238,8 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
               for body, status, note in rows]
     return DryRunReport(snapshot.users_seen, counts, kept, snapshot.rows_ignored,
                         {k: str(e) for k, e in snapshot.failed.items()}, sample,
-                        guard=verdict, resent=resent)
+                        guard=verdict, resent=resent,
+                        accounts_seen=snapshot.accounts_seen)
 
 
 def _split_resent(state: Connection, counts: PlanCounts) -> tuple[PlanCounts, int]:
@@ -250,10 +263,12 @@ def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
         if row is None:
             conn.execute(insert(entry_keys).values(key=entry.key, kind=entry.kind,
                                                    name=entry.name, active=True,
-                                                   first_seen_at=now))
-        elif not row.active or row.name != entry.name or row.kind != entry.kind:
+                                                   first_seen_at=now, entity=entry.entity))
+        elif (not row.active or row.name != entry.name or row.kind != entry.kind
+              or row.entity != entry.entity):
             conn.execute(update(entry_keys).where(entry_keys.c.key == entry.key).values(
-                kind=entry.kind, name=entry.name, active=True, retired_at=None))
+                kind=entry.kind, name=entry.name, active=True, retired_at=None,
+                entity=entry.entity))
     configured = {e.key for e in config.entries}
     for key, row in known.items():
         if row.active and key not in configured:
@@ -275,7 +290,8 @@ def _snapshot_and_diff(config: Config, state: Connection, resync_keys: Collectio
             source_snapshot = begin_snapshot(conn)  # every query below reads this moment
             snapshot = take_snapshot(config, conn, state)
             snapshot.source = source_snapshot
-            fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys)
+            fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys,
+                          snapshot.fields)
             fill_diff(state)
             load_profile(config, conn, state, profile_users)
             return snapshot
@@ -308,11 +324,15 @@ def _prepare(config: Config, engine: Engine, run_id: int, options: RunOptions,
         result.rows_ignored = snapshot.rows_ignored
         result.emails_left_out = counts.emails_left_out
         result.linked_in_left_out = counts.linked_in_left_out
+        result.accounts_seen, result.accounts_changed = snapshot.accounts_seen, counts.accounts
+        for kind, skipped in _skipped_by_kind(state, run_id).items():
+            result.by_kind[kind]["skipped"] = skipped
         update_run(state, run_id, snapshot_at=observed_at, users_seen=result.users_seen,
                    users_changed=counts.users, entered=counts.entered, exited=counts.exited,
                    traits_changed=counts.traits_changed, skipped=counts.skipped,
                    rows_ignored=snapshot.rows_ignored, resent=result.resent,
-                   source_snapshot=snapshot.source.id)
+                   source_snapshot=snapshot.source.id, accounts_seen=snapshot.accounts_seen,
+                   accounts_changed=counts.accounts)
         state.commit()
         drop_temp_tables(state)
         state.commit()
@@ -339,35 +359,51 @@ def _halt(state: Connection, run_id: int, observed_at: datetime, snapshot: Snaps
     raise RunHalted("; ".join(filter(None, (message, failures))), result.guard)
 
 
+def _skipped_by_kind(state: Connection, run_id: int) -> dict[str, int]:
+    rows = state.execute(select(updates.c.entity, func.count()).where(
+        updates.c.run_id == run_id, updates.c.status == "skipped")
+        .group_by(updates.c.entity)).all()
+    return {str(kind): int(count) for kind, count in rows}
+
+
 def _send(config: Config, engine: Engine, run_id: int, options: RunOptions, lock: RunLock,
           result: RunResult) -> None:
-    """Send every pending update, oldest first, recording results in small batches."""
+    """Send every pending update, accounts first, each kind oldest first, recording
+    results in small batches."""
     with engine.connect() as conn, Sender(
             config.destination, stops=(options.stop, lock.lost), transport=options.transport,
             backoff_initial=options.backoff_initial) as sender:
         total = count_pending(conn)
         conn.commit()
         done = 0
-        batch: list[Delivery] = []
-        flushed = time.monotonic()
-        for delivery in sender.deliver(_jobs(conn)):
-            batch.append(delivery)
-            if len(batch) >= FLUSH_EVERY or time.monotonic() - flushed > FLUSH_SECONDS:
-                done += _flush(conn, run_id, batch, result)
-                flushed = time.monotonic()
-                if options.progress:
-                    options.progress(done, total)
-        done += _flush(conn, run_id, batch, result)
+        for entity in SEND_ORDER:
+            # One kind at a time: the pace, the concurrency limit and the retry budget
+            # are shared, and the accounts' last requests end before contacts start.
+            batch: list[Delivery] = []
+            flushed = time.monotonic()
+            for delivery in sender.deliver(_jobs(conn, entity)):
+                batch.append(delivery)
+                if len(batch) >= FLUSH_EVERY or time.monotonic() - flushed > FLUSH_SECONDS:
+                    done += _flush(conn, run_id, batch, result, entity)
+                    flushed = time.monotonic()
+                    if options.progress:
+                        options.progress(done, total)
+            done += _flush(conn, run_id, batch, result, entity)
+            if sender.stopping():
+                break
         if options.progress:
             options.progress(done, total)
         result.pending = count_pending(conn)
+        for entity in SEND_ORDER:
+            result.by_kind[entity]["pending"] = count_pending(conn, entity)
         conn.commit()
 
 
-def _jobs(conn: Connection) -> Iterator[Job]:
-    """Pending updates, oldest first, each page marked in flight before it is sent."""
+def _jobs(conn: Connection, entity: str) -> Iterator[Job]:
+    """Pending updates of one kind, oldest first, each page marked in flight before it
+    is sent."""
     after = 0
-    while page := pending_page(conn, after, PAGE):
+    while page := pending_page(conn, after, PAGE, entity):
         mark_in_flight(conn, [update_id for update_id, _, _ in page], datetime.now(UTC))
         conn.commit()
         for update_id, message_id, body in page:
@@ -375,7 +411,8 @@ def _jobs(conn: Connection) -> Iterator[Job]:
         after = page[-1][0]
 
 
-def _flush(conn: Connection, run_id: int, batch: list[Delivery], result: RunResult) -> int:
+def _flush(conn: Connection, run_id: int, batch: list[Delivery], result: RunResult,
+           entity: str = "contact") -> int:
     """Record a batch of deliveries in one transaction; acknowledgements move with them."""
     if not batch:
         return 0
@@ -384,8 +421,10 @@ def _flush(conn: Connection, run_id: int, batch: list[Delivery], result: RunResu
     for delivery in batch:
         if delivery.result == "acknowledged":
             result.sent += 1
+            result.by_kind[entity]["sent"] += 1
         elif delivery.attempts:
             result.failed += 1
+            result.by_kind[entity]["failed"] += 1
     update_run(conn, run_id, sent=result.sent, failed=result.failed)
     conn.commit()
     count = len(batch)

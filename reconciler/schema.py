@@ -5,14 +5,18 @@ queries are written against named columns and `alembic check` can prove no drift
 
     sync_runs     one row a run (SPEC §7, part of the contract)
     entry_keys    every key ever configured; retired ones stay, marked inactive
-    acked         what ChartMogul acknowledged: (user, key) → JSON value
-    uncertain_keys (user, key) pairs for which ChartMogul may hold a value nobody
+    acked         what ChartMogul acknowledged: (entity, id, key) → JSON value
+    uncertain_keys (entity, id, key) for which ChartMogul may hold a value nobody
                   acknowledged: re-sent every run until an update carrying the key
                   is acknowledged (SPEC §6 "Uncertain keys")
-    ack_versions  per-user counter, moved by every acknowledgement (message ids use it)
-    updates       one Identify update per user and run: pending → sent/skipped/rejected
-                  or superseded; body kept without sent_at so retries resend it verbatim
-    changes       the (user, key, old, new) rows of each update
+    ack_versions  per-id counter, moved by every acknowledgement (message ids use it)
+    updates       one update per contact or account and run: pending → sent/skipped/
+                  rejected or superseded; body kept without sent_at so retries resend it
+                  verbatim
+    changes       the (id, key, old, new) rows of each update
+
+`entity` is `contact` (a user, Send Contact) or `customer` (an account, Send Customer);
+in customer rows the `user_id` column holds the account's group_id.
     deliveries    every HTTP attempt: status, latency, error excerpt
     run_lock      the single row that says which process is running a sync
 """
@@ -32,11 +36,13 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     TypeDecorator,
     false,
+    text,
 )
 
 NAMING_CONVENTION = {
@@ -76,6 +82,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 USER_ID = String(255)
 KEY = String(255)
+ENTITIES = ("contact", "customer")
+
+
+def _entity() -> Column[str]:
+    """Which kind of thing a row is about; rows written before accounts are contacts."""
+    return Column("entity", String(16), nullable=False, server_default=text("'contact'"))
 
 sync_runs = Table(
     "sync_runs", metadata,
@@ -100,6 +112,8 @@ sync_runs = Table(
     Column("resync_key", KEY),
     Column("resent", Integer, nullable=False, default=0),
     Column("error", Text),
+    Column("accounts_seen", Integer, nullable=False, server_default=text("0")),
+    Column("accounts_changed", Integer, nullable=False, server_default=text("0")),
 )
 
 entry_keys = Table(
@@ -110,31 +124,38 @@ entry_keys = Table(
     Column("active", Boolean, nullable=False),
     Column("first_seen_at", UTCDateTime, nullable=False),
     Column("retired_at", UTCDateTime),
+    _entity(),
 )
 
 acked = Table(
     "acked", metadata,
-    Column("user_id", USER_ID, primary_key=True),
-    Column("key", KEY, primary_key=True),
+    Column("user_id", USER_ID, nullable=False),
+    Column("key", KEY, nullable=False),
     Column("value", Text, nullable=False),
     Column("update_id", Integer, nullable=False),
     Column("acked_at", UTCDateTime, nullable=False),
+    _entity(),
+    PrimaryKeyConstraint("entity", "user_id", "key"),
 )
 
 # No foreign key to `updates`: the mark must outlive whatever becomes of the update
 # (superseded, pruned); `update_id` only says which update last made it uncertain.
 uncertain_keys = Table(
     "uncertain_keys", metadata,
-    Column("user_id", USER_ID, primary_key=True),
-    Column("key", KEY, primary_key=True),
+    Column("user_id", USER_ID, nullable=False),
+    Column("key", KEY, nullable=False),
     Column("update_id", Integer, nullable=False),
     Column("since", UTCDateTime, nullable=False),
+    _entity(),
+    PrimaryKeyConstraint("entity", "user_id", "key"),
 )
 
 ack_versions = Table(
     "ack_versions", metadata,
-    Column("user_id", USER_ID, primary_key=True),
+    Column("user_id", USER_ID, nullable=False),
     Column("version", Integer, nullable=False),
+    _entity(),
+    PrimaryKeyConstraint("entity", "user_id"),
 )
 
 updates = Table(
@@ -160,6 +181,7 @@ updates = Table(
     Column("settled_at", UTCDateTime),
     Column("last_status_code", Integer),
     Column("last_error", Text),
+    _entity(),
     Index("ix_updates_status_id", "status", "id"),
     Index("ix_updates_user_id", "user_id"),
     Index("ix_updates_in_flight_since", "in_flight_since"),
@@ -175,6 +197,7 @@ changes = Table(
     Column("kind", String(16), nullable=False),
     Column("old_value", Text),
     Column("new_value", Text, nullable=False),
+    _entity(),
     Index("ix_changes_update_id", "update_id"),
     Index("ix_changes_user_id", "user_id"),
     Index("ix_changes_run_id", "run_id"),

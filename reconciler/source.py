@@ -95,29 +95,32 @@ def is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def user_id_text(value: Any) -> str | None:
-    """The user id as text; None for NULL, empty or blank ids (ignored and counted)."""
+def user_id_text(value: Any, column: str = "user_id") -> str | None:
+    """The user id (or group id: `column`) as text; None for NULL, empty or blank ids
+    (ignored and counted)."""
     if type(value) is str and len(value) <= MAX_USER_ID and value and not value.isspace():
         return value  # the common case, first: this runs once per source row
     if is_blank(value):
         return None
     if isinstance(value, bytes | bytearray | memoryview):
-        raise Unrepresentable(f"user_id is binary; {_CAST_HINT}")
+        raise Unrepresentable(f"{column} is binary; {_CAST_HINT}")
     result = number_text(value) if isinstance(value, float | Decimal) else str(value)
     if len(result) > MAX_USER_ID:
-        raise Unrepresentable(f'user_id "{result[:40]}…" is longer than {MAX_USER_ID} '
+        raise Unrepresentable(f'{column} "{result[:40]}…" is longer than {MAX_USER_ID} '
                               "characters")
     return result
 
 
-def trait_json(entry_label: str, user_id: str, value: Any) -> str | None:
-    """A trait value as canonical JSON text; None for "no value" (NULL or blank text)."""
+def trait_json(entry_label: str, user_id: str, value: Any, who: str = "user") -> str | None:
+    """A trait value as canonical JSON text; None for "no value" (NULL or blank text).
+
+    `who` names the id in messages: `user`, or `account` for account traits."""
     if is_blank(value):
         return None
     try:
         return to_json(value)
     except Unrepresentable as exc:
-        raise SourceEntryError(entry_label, f'user "{user_id}": {exc}') from None
+        raise SourceEntryError(entry_label, f'{who} "{user_id}": {exc}') from None
 
 
 def profile_fields(user_id: str, names: Sequence[str], values: Sequence[Any]
@@ -159,7 +162,8 @@ def read_rows(connection: Connection, entry_label: str, query: str,
     """Run `query`, yield chunks of tuples of `columns` (+ those of `optional` present).
 
     Column names match case-insensitively (warehouses upper-case them). Rows whose
-    user_id is NULL or blank are dropped and counted in `stats.ignored`.
+    first column (user_id, or group_id for accounts) is NULL or blank are dropped and
+    counted in `stats.ignored`.
     Raises `DatabaseError` when the source database rejects the query (one that tries
     to write says that source queries are read-only) or fails while it streams,
     `SourceEntryError` when the rows cannot be used.
@@ -186,11 +190,12 @@ def read_rows(connection: Connection, entry_label: str, query: str,
         pick = _picker([names.index(c) for c in wanted], len(names))
         stats.columns = tuple(wanted)
         driver_error = connection.dialect.loaded_dbapi.Error
+        id_column = columns[0]
         try:
             for rows in _chunks(result, connection.dialect.name):
                 chunk: list[Any] = []  # tuples (DBAPI) or Rows (SQLAlchemy streaming)
                 for values in pick(rows):
-                    user_id = user_id_text(values[0])
+                    user_id = user_id_text(values[0], id_column)
                     if user_id is None:
                         stats.ignored += 1
                         continue

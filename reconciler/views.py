@@ -1,4 +1,5 @@
-"""How history looks on a terminal: rich tables for `history`, `show` and `user`, and
+"""How history looks on a terminal: rich tables for `history`, `show`, `user` and
+`account`, and
 the progress bar of `sync`/`resync`. `--json` output does not come through here.
 
 Long lists are cut to `ROWS` rows with a line saying how many more there are and how
@@ -33,7 +34,8 @@ from .tables import NUMBER, TEXT, Column, print_table
 
 ROWS = 50
 # sync_runs count → its history column
-RUN_COUNTS = {"users_seen": "seen", "users_changed": "changed", "entered": "in",
+RUN_COUNTS = {"users_seen": "seen", "users_changed": "changed",
+              "accounts_seen": "accounts", "accounts_changed": "acc. changed", "entered": "in",
               "exited": "out", "traits_changed": "traits", "resent": "resent", "sent": "sent",
               "failed": "failed", "skipped": "skipped", "pending": "pending"}
 STATUS_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "running": "cyan",
@@ -43,9 +45,9 @@ STATUS_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "run
                 "error": "red"}
 
 
-CHANGE_COLUMNS = [Column("user"), Column("key"), Column("old", TEXT), Column("new", TEXT),
-                  Column("update"), Column("note", TEXT)]
-ATTEMPT_COLUMNS = [Column("user"), Column("attempt", NUMBER), Column("sent at"),
+CHANGE_COLUMNS = [Column("entity"), Column("id"), Column("key"), Column("old", TEXT),
+                  Column("new", TEXT), Column("update"), Column("note", TEXT)]
+ATTEMPT_COLUMNS = [Column("entity"), Column("id"), Column("attempt", NUMBER), Column("sent at"),
                    Column("status", NUMBER), Column("outcome"), Column("ms", NUMBER),
                    Column("error", TEXT)]
 CAUSE_COLUMNS = [Column("cause", TEXT), Column("attempts", NUMBER), Column("updates", NUMBER)]
@@ -166,7 +168,8 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
         out.print(f"source read as of {_when(run['snapshot_at'])} UTC"
                   + (f" (snapshot {run['source_snapshot']})" if run.get("source_snapshot")
                      else ""))
-    out.print(f"users seen {run['users_seen']}, changed {run['users_changed']} (entered "
+    out.print(f"users seen {run['users_seen']}, changed {run['users_changed']}; accounts "
+              f"seen {run['accounts_seen']}, changed {run['accounts_changed']} (entered "
               f"{run['entered']}, exited {run['exited']}, traits {run['traits_changed']}, "
               f"resent unchanged {run['resent']})")
     out.print(f"sent {run['sent']}, failed {run['failed']}, skipped {run['skipped']}, "
@@ -178,7 +181,7 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
         out.print(Text(f"error: {run['error']}", style="red"))
     if changes:
         print_table(out, CHANGE_COLUMNS, [
-            [c["user_id"], c["key"], _json(c["old_value"]), _json(c["new_value"]),
+            [c["entity"], c["user_id"], c["key"], _json(c["old_value"]), _json(c["new_value"]),
              _status(c["status"]), c["note"] or ""] for c in changes], title="changes")
         _more(out, len(changes), totals["changes"], "changes")
     acknowledged = totals["deliveries"] - totals["unacknowledged"]
@@ -187,8 +190,8 @@ def print_run(out: Console, run: dict[str, Any], changes: list[dict[str, Any]],
         print_causes(out, causes)
     if attempts:
         print_table(out, ATTEMPT_COLUMNS, [
-            [d["user_id"], str(d["attempt"]), _when(d["sent_at"]), str(d["status_code"] or ""),
-             _status(d["outcome"]),
+            [d["entity"], d["user_id"], str(d["attempt"]), _when(d["sent_at"]),
+             str(d["status_code"] or ""), _status(d["outcome"]),
              f"{d['latency_ms']:.0f}" if d["latency_ms"] is not None else "", d["error"] or ""]
             for d in attempts], title="attempts not acknowledged")
         _more(out, len(attempts), totals["unacknowledged"], "attempts not acknowledged")
@@ -212,18 +215,21 @@ def print_causes(out: Console, causes: list[dict[str, Any]]) -> None:
 
 
 def print_user(out: Console, data: dict[str, Any]) -> None:
-    """A user's acknowledged state, then the newest part of their timeline."""
-    user_id, acknowledged, timeline = data["user_id"], data["acknowledged"], data["timeline"]
+    """A user's (or an account's: `data` has a `group_id`) acknowledged state, then the
+    newest part of their timeline."""
+    what = "account" if "group_id" in data else "user"
+    user_id = data["group_id"] if what == "account" else data["user_id"]
+    acknowledged, timeline = data["acknowledged"], data["timeline"]
     if not acknowledged and not timeline:
-        out.print(Text(f'nothing recorded for user "{user_id}"'))
+        out.print(Text(f'nothing recorded for {what} "{user_id}"'))
         return
     if acknowledged:
         print_table(out, STATE_COLUMNS, [
             [key, _json(item["value"]), _when(item["acked_at"])]
             for key, item in acknowledged.items()],
-            title=Text(f'user "{user_id}": acknowledged state'))
+            title=Text(f'{what} "{user_id}": acknowledged state'))
     else:
-        out.print(Text(f'user "{user_id}": nothing acknowledged yet'))
+        out.print(Text(f'{what} "{user_id}": nothing acknowledged yet'))
     shown = timeline[-ROWS:]
     if len(timeline) > len(shown):
         out.print(f"… {len(timeline) - len(shown)} older updates; --json prints them all",

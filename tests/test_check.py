@@ -236,3 +236,36 @@ def test_a_webhook_redirecting_where_the_sender_would_not_go_fails(filled: Setup
     result = check(filled.write())
     assert result.exit_code == 1
     assert expected in lines(result)["webhook"] and "new-token" not in result.output
+
+
+ACCOUNTS = """
+[accounts]
+query = "SELECT group_id, user_id, name FROM companies"
+
+[[account_audiences]]
+name = "Enterprise Accounts"
+query = "SELECT group_id FROM companies WHERE seats >= 100"
+
+[[account_traits]]
+name = "Seats"
+query = "SELECT group_id, seats AS value FROM companies"
+"""
+
+
+def test_account_queries_are_checked_with_their_group_id_columns(filled: Setup):
+    filled.warehouse.execute("CREATE TABLE companies (group_id, user_id, name, seats)")
+    filled.warehouse.execute("INSERT INTO companies VALUES ('g1', 'u1', 'Acme', 120)")
+    result = check(filled.write(extra=ACCOUNTS))
+    found = lines(result)
+    assert result.exit_code == 0, result.output
+    assert found["[accounts]"] == "ok (1 sample row; columns group_id, user_id, name)"
+    assert found['account audience "Enterprise Accounts"'].startswith("ok (1 sample row")
+    assert found['account trait "Seats"'] == "ok (1 sample row; columns group_id, value)"
+
+
+def test_an_accounts_query_without_group_id_fails_its_check(filled: Setup):
+    filled.warehouse.execute("CREATE TABLE companies (id, user_id, name, seats)")
+    result = check(filled.write(extra=ACCOUNTS.replace("SELECT group_id, user_id, name",
+                                                       "SELECT id, user_id, name")))
+    assert result.exit_code == 1
+    assert "group_id" in lines(result)["[accounts]"]

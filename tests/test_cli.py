@@ -27,11 +27,11 @@ from .receiver import Reply
 
 RUN_FIELDS = {"id", "trigger", "status", "started_at", "finished_at", "users_seen",
               "users_changed", "entered", "exited", "traits_changed", "sent", "failed",
-              "skipped", "error"}
-CHANGE_FIELDS = {"user_id", "key", "kind", "old_value", "new_value", "message_id", "status",
-                 "note"}
-DELIVERY_FIELDS = {"user_id", "message_id", "attempt", "sent_at", "status_code", "outcome",
-                   "latency_ms", "error"}
+              "skipped", "error", "accounts_seen", "accounts_changed"}
+CHANGE_FIELDS = {"entity", "user_id", "key", "kind", "old_value", "new_value", "message_id",
+                 "status", "note"}
+DELIVERY_FIELDS = {"entity", "user_id", "message_id", "attempt", "sent_at", "status_code",
+                   "outcome", "latency_ms", "error"}
 HV = "high_value_users"
 
 

@@ -86,7 +86,7 @@ def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(
     assert [r.trigger for r in all_runs(engine)] == ["schedule"]
     sample = metrics.registry.get_sample_value
     assert sample("reconciler_runs_total", {"status": "succeeded"}) == 1
-    assert sample("reconciler_updates_total", {"outcome": "sent"}) == 3
+    assert sample("reconciler_updates_total", {"outcome": "sent", "kind": "contact"}) == 3
 
 
 def test_tick_finding_the_lock_held_logs_one_line_and_skips(people, engine_of, caplog):

@@ -73,11 +73,16 @@ def warehouse(tmp_path: Path) -> str:
         conn.execute("CREATE TABLE orders (user_id TEXT, amount NUMERIC, completed_at TEXT)")
         conn.execute("INSERT INTO users VALUES ('u1', 'jane@acme.com', 'Jane', 'Doe')")
         conn.execute("INSERT INTO orders VALUES ('u1', 120, date('now'))")
+        conn.execute("CREATE TABLE companies (group_id TEXT, user_id TEXT, name TEXT, "
+                     "website TEXT, city TEXT, country TEXT, seats INTEGER)")
+        conn.execute("INSERT INTO companies VALUES ('g1', 'u1', 'Acme', 'https://acme.com', "
+                     "'Paris', 'FR', 120)")
     return f"sqlite:///{path}"
 
 
 def entries_in(raw: dict[str, Any]) -> int:
-    return len(raw.get("audiences", [])) + len(raw.get("traits", []))
+    return sum(len(raw.get(section, [])) for section in
+               ("audiences", "traits", "account_audiences", "account_traits"))
 
 
 @pytest.mark.parametrize("doc, number, text", TOML, ids=[f"{d}#{n}" for d, n, _ in TOML])

@@ -20,7 +20,7 @@ from .receiver import Reply
 METRICS = {"reconciler_runs", "reconciler_updates", "reconciler_lock_skips",
            "reconciler_pending_updates", "reconciler_last_success_timestamp_seconds",
            "reconciler_run_duration_seconds", "reconciler_snapshot_users",
-           "reconciler_halted_audiences"}
+           "reconciler_halted_audiences", "reconciler_snapshot_accounts"}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,8 +59,11 @@ def test_daemon_serves_metrics_on_loopback(people, engine_of):
         wait_for("the first run in the metrics", first_run_counted, daemon)
         assert families(port) == METRICS
         samples = scrape(port)
-        assert samples[("reconciler_updates_total", (("outcome", "sent"),))] == 3
-        assert samples[("reconciler_pending_updates", ())] == 0
+        assert samples[("reconciler_updates_total", (("kind", "contact"),
+                                                     ("outcome", "sent")))] == 3
+        assert samples[("reconciler_updates_total", (("kind", "customer"),
+                                                     ("outcome", "sent")))] == 0
+        assert samples[("reconciler_pending_updates", (("kind", "contact"),))] == 0
         assert samples[("reconciler_snapshot_users", ())] == 3
         assert samples[("reconciler_last_success_timestamp_seconds", ())] > 0
         assert samples[("reconciler_run_duration_seconds_count", ())] == 1
@@ -76,7 +79,8 @@ def test_gauges_start_from_the_state_database(people, engine_of):
     metrics = Metrics()
     metrics.load(engine)
     sample = metrics.registry.get_sample_value
-    assert sample("reconciler_pending_updates") == 1
+    assert sample("reconciler_pending_updates", {"kind": "contact"}) == 1
+    assert sample("reconciler_pending_updates", {"kind": "customer"}) == 0
     assert sample("reconciler_snapshot_users") == 3
     assert sample("reconciler_last_success_timestamp_seconds") == 0  # no run succeeded yet
 

@@ -15,6 +15,15 @@ from .receiver import Reply
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 USER = "user-42"  # the user the recipes name
+ACCOUNT = "acme-1"  # the account they name
+ACCOUNTS = """
+[accounts]
+query = "SELECT group_id, user_id, name FROM companies"
+
+[[account_audiences]]
+name = "Enterprise Accounts"
+query = "SELECT group_id FROM enterprise"
+"""
 
 
 def recipes() -> list[str]:
@@ -38,14 +47,20 @@ def test_the_guide_names_every_command(name):
 
 
 def test_every_sql_recipe_runs_and_finds_the_failure(setup: Setup, engine_of):
-    """A run where USER's update is rejected: each recipe returns rows about it."""
+    """A run where USER's and ACCOUNT's updates are rejected (an account without a
+    user_id skipped before): each recipe returns rows about them."""
     engine = engine_of(setup)
     setup.warehouse.user(USER, email="someone@example.com")
     setup.warehouse.members("High Value Users", USER)
-    sync(setup.config(), engine, RunOptions())
+    setup.warehouse.execute("CREATE TABLE companies (group_id TEXT, user_id TEXT, name TEXT)")
+    setup.warehouse.execute("INSERT INTO companies VALUES (?, ?, 'Acme')", ACCOUNT, USER)
+    setup.warehouse.execute("CREATE TABLE enterprise (group_id TEXT)")
+    setup.warehouse.executemany("INSERT INTO enterprise VALUES (?)", [(ACCOUNT,), ("orphan",)])
+    sync(setup.config(extra=ACCOUNTS), engine, RunOptions())
     setup.warehouse.trait("Lifetime Value", {USER: 5})
+    setup.warehouse.execute("UPDATE companies SET name = 'Acme Inc'")
     setup.receiver.respond = lambda _n, _body: Reply(400, "contact rejected")
-    assert sync(setup.config(), engine, RunOptions()).status == "partial"
+    assert sync(setup.config(extra=ACCOUNTS), engine, RunOptions()).status == "partial"
     backend = engine.dialect.name
     ran = 0
     for recipe in recipes():
