@@ -29,7 +29,7 @@ from .config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config, is_loopback_host, lo
 from .db import HEAD_REVISION, database_error, migrate, shown_url, source_engine, state_engine
 from .errors import ConfigError, DatabaseError, SourceEntryError
 from .fields import account_fields
-from .redact import Redactor, for_config, mask_webhook
+from .redact import mask_webhook
 from .source import ReadStats, profile_fields, read_rows, trait_json
 
 SAMPLE_ROWS = 5
@@ -76,7 +76,7 @@ def _count(n: int, what: str) -> str:
 
 def run_checks(config: Config, transport: httpx.BaseTransport | None = None) -> Report:
     """Every check after the config's; never raises for what it checks."""
-    redact = for_config(config)
+    redact = config.redact
     report = Report()
     report.checks.append(_state(config, report))
     report.checks.extend(_source(config))
@@ -222,12 +222,12 @@ def _webhook(config: Config, transport: httpx.BaseTransport | None) -> Check:
     """One POST of `{}`, the Segment action's connection test."""
     destination = config.destination
     shown = mask_webhook(destination.webhook_url)
-    redact = Redactor(webhook_url=destination.webhook_url)
+    redact = config.redact
     try:
         with httpx.Client(timeout=httpx.Timeout(destination.timeout_seconds),
                           transport=transport,
                           headers={"User-Agent": _user_agent()}) as client:
-            response, hops = _post_following(client, destination.webhook_url)
+            response, hops = _post_following(client, destination.webhook_url.reveal())
     except _RefusedRedirect as exc:
         # Masked URLs end the message: the redactor takes punctuation after one for path.
         return Check("webhook", False,

@@ -33,7 +33,7 @@ from .db import database_error, migrate, state_engine
 from .errors import ReconcilerError, UsageError
 from .fields import field_keys
 from .guard import proceed_command, resolve_accepted
-from .redact import Redactor, for_config, install_log_redaction
+from .redact import Redactor, install_log_redaction
 from .retention import prune_now
 from .run import DryRunReport, RunOptions, RunResult, dry_run, sync
 
@@ -88,13 +88,20 @@ def _quiet_after_broken_pipe() -> None:
     sys.exit(BROKEN_PIPE_STATUS)
 
 
+_REDACT = "reconciler.redact"  # the command's context keeps its config's redactor here
+
+
 def _redact(text: str) -> str:
     """Masks the secrets of the loaded config; before one is loaded, any URL's path and
     password."""
-    return (_REDACT[0] if _REDACT else Redactor())(text)
+    ctx = click.get_current_context(silent=True)
+    redact = ctx.meta.get(_REDACT) if ctx is not None else None
+    return (redact or Redactor())(text)
 
 
-_REDACT: list[Callable[[str], str]] = []
+def _use_redactor(config: Config) -> None:
+    """From here on, this command's messages are masked with `config`'s secrets."""
+    click.get_current_context().meta[_REDACT] = config.redact
 
 
 def _setup(config_file: str | None,
@@ -103,7 +110,7 @@ def _setup(config_file: str | None,
     config = load_config(config_path(config_file))
     if check is not None:
         check(config)  # before anything is written
-    _REDACT[:] = [for_config(config)]
+    _use_redactor(config)
     engine = state_engine(config.database_url)
     click.get_current_context().call_on_close(engine.dispose)
     created = migrate(engine)
@@ -250,7 +257,7 @@ def daemon_command(config_file: str | None, log_format: str) -> None:
     """
     config, engine = _setup(config_file, check=require_schedule)
     logs.configure(log_format)
-    install_log_redaction(for_config(config))
+    install_log_redaction(config.redact)
     run_daemon(config, engine)
 
 
@@ -291,7 +298,7 @@ def check_command(config_file: str | None, as_json: bool) -> None:
     config, config_check = check_core.check_config(config_path(config_file))
     checks = [config_check]
     if config is not None:
-        _REDACT[:] = [for_config(config)]
+        _use_redactor(config)
         report = check_core.run_checks(config)
         if report.created:
             click.echo(f"reconciler: {report.created}", err=True)

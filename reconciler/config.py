@@ -7,6 +7,7 @@ the entry and the fix, before anything runs or is written.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import math
 import os
@@ -22,6 +23,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError
 from .keys import EXPLICIT_KEY, derive_key
+from .redact import Redactor, mask_webhook
+from .secret import Secret
 
 PROFILE_FIELDS = (
     "anonymous_id", "email", "first_name", "last_name", "name", "title", "phone",
@@ -62,7 +65,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Destination:
-    webhook_url: str
+    # A credential (SPEC §8): shown masked by str/repr, revealed only to send.
+    webhook_url: Secret
     requests_per_second: float = 20.0
     max_concurrency: int = 8
     timeout_seconds: float = 10.0
@@ -125,6 +129,13 @@ class Config:
 
     def entry_for_key(self, key: str) -> Entry | None:
         return next((e for e in self.entries if e.key == key), None)
+
+    @functools.cached_property
+    def redact(self) -> Redactor:
+        """The one redactor of this configuration: masks the webhook URL and the
+        database passwords in any text (SPEC §8). Built once, where the config is."""
+        return Redactor(webhook_url=self.destination.webhook_url,
+                        database_urls=(self.database_url, self.source_url))
 
 
 def config_path(option: str | None, env: Mapping[str, str] = os.environ) -> Path:
@@ -347,9 +358,9 @@ class _Reader:
             raise self.fail(f"{entry} webhook_url", "is missing",
                             "set webhook_url or the CHARTMOGUL_WEBHOOK_URL variable")
         check_webhook_url(url, self.where, origin)
-        defaults = Destination(webhook_url=url)
+        defaults = Destination(webhook_url=Secret(url))
         return Destination(
-            webhook_url=url,
+            webhook_url=Secret(url),
             requests_per_second=float(self.number(
                 table, "requests_per_second", entry, defaults.requests_per_second, 0)),
             max_concurrency=self.number(table, "max_concurrency", entry,
@@ -523,8 +534,6 @@ def is_loopback_host(host: str) -> bool:
 def check_webhook_url(url: str, where: str,
                       entry: str = "[destination] webhook_url") -> None:
     """https only; http solely for loopback hosts. Messages never show the URL's path."""
-    from .redact import mask_webhook
-
     try:
         parts = urlsplit(url)
         host = parts.hostname

@@ -41,7 +41,6 @@ from .crontab import cron_trigger
 from .db import database_error
 from .errors import ConfigError, LockHeld, ReconcilerError
 from .metrics import Metrics, serve
-from .redact import for_config
 from .run import RunOptions, RunResult, sync
 
 JOB_ID = "reconciler-sync"
@@ -113,7 +112,7 @@ def run_once(config: Config, engine: Engine, options: RunOptions,
         if isinstance(exc, ReconcilerError):
             message = str(exc)
         else:  # a bug: keep the traceback, secret-free
-            message = for_config(config)("".join(traceback.format_exception(exc)).strip())
+            message = config.redact("".join(traceback.format_exception(exc)).strip())
         log.error("%s", message, extra={"fields": {
             "event": "run", "status": "failed", "trigger": options.trigger,
             "duration_seconds": round(seconds, 3), "error": message}})

@@ -7,7 +7,7 @@ and database column that could mention a URL goes through here:
     mask_webhook(url)           how a webhook URL is shown: `https://host/***`
     mask_database_url(url)      a database URL with `***` for its password
     Redactor(webhook, dbs)      scrubs free text (library errors, response bodies)
-    for_config(config)          the Redactor for one configuration
+    Config.redact               the Redactor of one configuration (config.py)
     RedactingFilter(redactor)   the same, for logging handlers
 """
 
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-if TYPE_CHECKING:
-    from .config import Config
+from .secret import MASK, Secret, mask_url
 
-MASK = "***"
 # Path segments and query values at least this long are treated as tokens.
 TOKEN_MIN = 8
 # A secret cut by truncation still leaks its start: trailing prefixes this long are masked.
@@ -34,19 +31,9 @@ PARTIAL_MIN = 6
 PASSWORD_MIN = 4
 
 
-def mask_webhook(url: str) -> str:
+def mask_webhook(url: str | Secret) -> str:
     """`https://hooks.example.com/abc/def` → `https://hooks.example.com/***`."""
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname or "?"
-        if ":" in host:
-            host = f"[{host}]"
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        scheme = parts.scheme or "?"
-    except ValueError:
-        return MASK
-    return f"{scheme}://{host}/{MASK}"
+    return url.masked if isinstance(url, Secret) else mask_url(url)
 
 
 def mask_database_url(url: str) -> str:
@@ -66,8 +53,11 @@ class Redactor:
     the path of any http(s) URL, and the password of any URL.
     """
 
-    def __init__(self, webhook_url: str | None = None, database_urls: tuple[str, ...] = ()):
+    def __init__(self, webhook_url: Secret | str | None = None,
+                 database_urls: tuple[str, ...] = ()):
         secrets: dict[str, str] = {}
+        if isinstance(webhook_url, Secret):
+            webhook_url = webhook_url.reveal()
         if webhook_url:
             webhook_url = webhook_url.strip()
             secrets[webhook_url] = mask_webhook(webhook_url)
@@ -126,12 +116,6 @@ def _webhook_parts(url: str) -> list[str]:
     if password:
         found.append(password)
     return found
-
-
-def for_config(config: Config) -> Redactor:
-    """The Redactor that knows every secret of `config`."""
-    return Redactor(webhook_url=config.destination.webhook_url,
-                    database_urls=(config.database_url, config.source_url))
 
 
 class RedactingFilter(logging.Filter):

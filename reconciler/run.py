@@ -47,7 +47,6 @@ from .ledger import (
 )
 from .lock import RunLock
 from .plan import PlanCounts, count_diff, fill_plan
-from .redact import for_config
 from .retention import prune_after_run
 from .schema import entry_keys, updates
 from .sender import Delivery, Job, Sender
@@ -145,7 +144,7 @@ class RunOptions:
 def sync(config: Config, engine: Engine, options: RunOptions | None = None) -> RunResult:
     """Run once under the lock. Raises LockHeld (another run) or RunFailed."""
     options = options or RunOptions()
-    redact = for_config(config)
+    redact = config.redact
     lock = RunLock(engine)
     try:
         lock.acquire()

@@ -226,7 +226,7 @@ class Sender:
         started = time.perf_counter()
         number = len(delivery.attempts) + 1
         try:
-            response = self.client.post(self.destination.webhook_url,
+            response = self.client.post(self.destination.webhook_url.reveal(),
                                         content=with_sent_at(delivery.job.body, sent_at))
         except httpx.RequestError as exc:
             # The request may or may not have reached the destination: retrying with the
@@ -288,7 +288,7 @@ class Sender:
 
     def _excerpt(self, text: str) -> str:
         # Redact before cutting: a secret straddling the cut would otherwise half survive.
-        room = ERROR_EXCERPT + len(self.destination.webhook_url)
+        room = ERROR_EXCERPT + len(self.destination.webhook_url.reveal())
         return self.redact(text[:room])[:ERROR_EXCERPT]
 
 

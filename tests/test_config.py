@@ -256,7 +256,7 @@ def test_config_mistake_is_one_line_exit_2_and_nothing_written(files, edit, expe
 def test_webhook_urls_accepted(files, url):
     files["webhook"] = url
     config = load_config(write(files), env={})
-    assert config.destination.webhook_url == url.strip()
+    assert config.destination.webhook_url.reveal() == url.strip()
 
 
 @pytest.mark.parametrize("cron", ["0 */2 * * *", "0 9 * * 7", "0 9 * * mon-fri",
@@ -332,7 +332,8 @@ def test_webhook_from_environment_needs_no_destination_section(files):
     path = write(files, swap('[destination]\nwebhook_url = "{webhook}"\n'
                              'requests_per_second = 0\nmax_concurrency = 4\n', ""))
     env = {"CHARTMOGUL_WEBHOOK_URL": "https://hooks.example.com/x"}
-    assert load_config(path, env=env).destination.webhook_url == env["CHARTMOGUL_WEBHOOK_URL"]
+    assert (load_config(path, env=env).destination.webhook_url.reveal()
+            == env["CHARTMOGUL_WEBHOOK_URL"])
     with pytest.raises(ConfigError, match=r"\[destination\]: section is missing"):
         load_config(path, env={})
 

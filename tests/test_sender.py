@@ -26,6 +26,7 @@ from reconciler.config import Destination, load_config
 from reconciler.pacing import WINDOW, Pacer
 from reconciler.run import RunOptions, sync
 from reconciler.schema import deliveries, sync_runs, updates
+from reconciler.secret import Secret
 from reconciler.sender import Delivery, Job, Sender, retry_after_seconds
 
 from .conftest import Setup
@@ -57,7 +58,7 @@ class FakeClock:
 
 
 def destination(url: str, **overrides: Any) -> Destination:
-    values: dict[str, Any] = {"webhook_url": url, "requests_per_second": 0,
+    values: dict[str, Any] = {"webhook_url": Secret(url), "requests_per_second": 0,
                               "max_concurrency": 1, "timeout_seconds": 5, "max_attempts": 4,
                               "retry_budget_seconds": 300}
     return Destination(**{**values, **overrides})
