@@ -35,7 +35,7 @@ from .fields import field_keys
 from .guard import proceed_command, resolve_accepted
 from .redact import Redactor, install_log_redaction
 from .retention import prune_now
-from .run import DryRunReport, RunOptions, RunResult, dry_run, sync
+from .run import DryRunReport, RunRequest, RunResult, Seams, dry_run, sync
 
 F = TypeVar("F", bound=Callable[..., Any])
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`, seen by `set -o pipefail`
@@ -173,7 +173,7 @@ def sync_command(config_file: str | None, dry_run: bool, as_json: bool,
         report = _dry_run(config, engine, accepted)
         _print_dry_run(report, as_json)
         sys.exit(report.exit_status)
-    result = _run(config, engine, RunOptions(trigger="manual", accept_exits=accepted),
+    result = _run(config, engine, RunRequest(trigger="manual", accept_exits=accepted),
                   as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
@@ -197,10 +197,10 @@ def resync_command(config_file: str | None, key: str | None, as_json: bool,
         _resync_keys(config, key)
         resolve_accepted(config, accept_exits)
     config, engine = _setup(config_file, check=check)
-    options = RunOptions(trigger="full_resync", resync_keys=_resync_keys(config, key),
+    request = RunRequest(trigger="full_resync", resync_keys=_resync_keys(config, key),
                          resync_label=key or "*",
                          accept_exits=resolve_accepted(config, accept_exits))
-    result = _run(config, engine, options, as_json)
+    result = _run(config, engine, request, as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
 
@@ -213,17 +213,18 @@ def _resync_keys(config: Config, key: str | None) -> list[str]:
     return [key] if key else keys + sorted({k for _, k in field_keys(config)})
 
 
-def _run(config: Config, engine: Engine, options: RunOptions, as_json: bool) -> RunResult:
+def _run(config: Config, engine: Engine, request: RunRequest, as_json: bool) -> RunResult:
     """One run, with a progress bar when stdout is a terminal; a signal stops it gently."""
     out = views.console()
-    with _stop_on_signal(options), contextlib.ExitStack() as stack:
+    seams = Seams()
+    with _stop_on_signal(seams), contextlib.ExitStack() as stack:
         if out.is_terminal and not as_json:
-            options.progress = stack.enter_context(views.progress_bar(out))
-        return sync(config, engine, options)
+            seams.progress = stack.enter_context(views.progress_bar(out))
+        return sync(config, engine, request, seams)
 
 
 @contextlib.contextmanager
-def _stop_on_signal(options: RunOptions) -> Iterator[None]:
+def _stop_on_signal(options: Seams) -> Iterator[None]:
     """The first SIGINT/SIGTERM lets in-flight deliveries finish and leaves the rest
     pending; a second one ends the process at once (the next run recovers from that)."""
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -41,9 +41,10 @@ from .crontab import cron_trigger
 from .db import database_error
 from .errors import ConfigError, LockHeld, ReconcilerError
 from .metrics import Metrics, serve
-from .run import RunOptions, RunResult, sync
+from .run import RunRequest, RunResult, Seams, sync
 
 JOB_ID = "reconciler-sync"
+SCHEDULED = RunRequest(trigger="schedule")
 # A tick that could not start on time (the machine slept, the process was paused)
 # still runs if it is at most this late; later than that, the next tick is closer.
 MISFIRE_GRACE_SECONDS = 15 * 60
@@ -93,14 +94,16 @@ def build_scheduler(schedule: Schedule, job: Callable[[], Any],
     return scheduler
 
 
-def run_once(config: Config, engine: Engine, options: RunOptions,
+def run_once(config: Config, engine: Engine, seams: Seams | None = None,
              metrics: Metrics | None = None) -> RunResult | None:
-    """The job body: one sync, one log line; never raises. None when no run finished."""
-    if options.stop.is_set():
+    """The job body: one scheduled sync, one log line; never raises. None when no run
+    finished. The daemon never accepts exits on its own (SPEC §10)."""
+    seams = seams or Seams()
+    if seams.stop.is_set():
         return None
     started = time.monotonic()
     try:
-        result = sync(config, engine, options)
+        result = sync(config, engine, SCHEDULED, seams)
     except LockHeld as exc:
         log.info("tick skipped: %s", exc, extra={"fields": {"event": "skipped",
                                                              "reason": str(exc)}})
@@ -114,7 +117,7 @@ def run_once(config: Config, engine: Engine, options: RunOptions,
         else:  # a bug: keep the traceback, secret-free
             message = config.redact("".join(traceback.format_exception(exc)).strip())
         log.error("%s", message, extra={"fields": {
-            "event": "run", "status": "failed", "trigger": options.trigger,
+            "event": "run", "status": "failed", "trigger": SCHEDULED.trigger,
             "duration_seconds": round(seconds, 3), "error": message}})
         if metrics:
             metrics.run_failed(seconds)
@@ -122,7 +125,7 @@ def run_once(config: Config, engine: Engine, options: RunOptions,
     seconds = time.monotonic() - started
     if metrics:
         metrics.run_finished(result, seconds, time.time())
-    _log_run(result, options.trigger, seconds)
+    _log_run(result, SCHEDULED.trigger, seconds)
     return result
 
 
@@ -160,7 +163,7 @@ def run_daemon(config: Config, engine: Engine) -> None:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = Metrics()
     stop_metrics = _start_metrics(config, engine, metrics)
-    options = RunOptions(trigger="schedule")
+    options = Seams()
     job = functools.partial(run_once, config, engine, options, metrics)
     scheduler = build_scheduler(schedule, job, datetime.now(UTC))
     started = threading.Event()

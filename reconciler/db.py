@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -157,7 +159,7 @@ def migrate(engine: Engine) -> str | None:
 
     cfg = alembic_config()
     try:
-        with engine.begin() as connection:
+        with migration_connection(engine) as connection:
             new = not inspect(connection).has_table("alembic_version")
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
@@ -168,6 +170,32 @@ def migrate(engine: Engine) -> str | None:
     if engine.dialect.name == "sqlite" and engine.url.database:
         return f"created state database {engine.url.database}"
     return f"created the state database's tables in {shown_url(engine)}"
+
+
+@contextlib.contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction, to run Alembic on (SQLite: foreign keys off)."""
+    with engine.connect() as connection, _foreign_keys_off(connection), connection.begin():
+        yield connection
+
+
+@contextlib.contextmanager
+def _foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite's batch migrations copy a table, drop it and rename the copy; with foreign
+    keys enforced, dropping a table other rows refer to fails. Alembic's advice: turn
+    enforcement off around the migration (the pragma is a no-op inside a transaction,
+    so this runs before it begins; pysqlite starts none for a PRAGMA)."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()  # SQLAlchemy's own bookkeeping; SQLite began nothing
+    try:
+        yield
+    finally:
+        connection.rollback()  # a failed upgrade left its transaction to undo
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
 
 
 def database_error(which: str, engine: Engine, exc: BaseException,

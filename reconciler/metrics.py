@@ -25,7 +25,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from sqlalchemy import Engine, func, select
 
-from .run import RunResult
+from .outcome import RunResult
 from .schema import ENTITIES, sync_runs, updates
 
 STATUSES = ("succeeded", "partial", "failed", "halted")

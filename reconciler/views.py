@@ -29,13 +29,13 @@ from rich.progress import Progress as ProgressDisplay
 from rich.text import Text
 
 from .db import FIX_HINTS
-from .run import Progress
+from .outcome import Progress
 from .tables import NUMBER, TEXT, Column, print_table
 
 ROWS = 50
 # sync_runs count → its history column
 RUN_COUNTS = {"users_seen": "seen", "users_changed": "changed",
-              "accounts_seen": "accounts", "accounts_changed": "acc. changed", "entered": "in",
+              "accounts_seen": "acc.seen", "accounts_changed": "acc.changed", "entered": "in",
               "exited": "out", "traits_changed": "traits", "resent": "resent", "sent": "sent",
               "failed": "failed", "skipped": "skipped", "pending": "pending"}
 STATUS_STYLE = {"succeeded": "green", "partial": "yellow", "failed": "red", "running": "cyan",
@@ -251,7 +251,7 @@ class _CountColumn(MofNCompleteColumn):
 
 @contextmanager
 def progress_bar(out: Console) -> Iterator[Progress]:
-    """A progress display for one run; yields the `RunOptions.progress` callback."""
+    """A progress display for one run; yields the `Seams.progress` callback."""
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                _CountColumn(), TimeElapsedColumn())
     with ProgressDisplay(*columns, console=out, transient=True) as display:

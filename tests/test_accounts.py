@@ -556,11 +556,10 @@ def test_account_field_values_are_sent_as_text(accounts, engine_of):
 def test_metrics_count_updates_by_kind(mixed, engine_of):
     from reconciler.config import load_config
     from reconciler.metrics import Metrics
-    from reconciler.run import RunOptions
     from reconciler.run import sync as run_sync
 
     engine = engine_of(mixed)
-    result = run_sync(load_config(mixed.write(extra=ACCOUNTS), env={}), engine, RunOptions())
+    result = run_sync(load_config(mixed.write(extra=ACCOUNTS), env={}), engine)
     metrics = Metrics()
     metrics.run_finished(result, 1.0, 0.0)
     sample = metrics.registry.get_sample_value

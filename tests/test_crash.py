@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from reconciler.run import RunOptions, sync
+from reconciler.run import Seams, sync
 from reconciler.schema import sync_runs, updates
 
 from .conftest import Setup
@@ -182,7 +182,7 @@ def test_killed_run_never_blocks_the_next_which_resends_with_the_same_id(setup, 
         release.set()
     (in_flight,) = [b for b in setup.receiver.bodies()][:1]
     result = sync(setup.config(destination="max_attempts = 1"), engine,
-                  RunOptions(backoff_initial=0.01))
+                  seams=Seams(backoff_initial=0.01))
     assert result.status == "succeeded"
     again = [b for b in setup.receiver.bodies()[1:] if b["user_id"] == in_flight["user_id"]]
     assert [(b["message_id"], b["timestamp"]) for b in again] == [
@@ -196,9 +196,9 @@ def test_reverting_after_an_unrecorded_delivery_is_corrected(setup, engine_of):
     engine = engine_of(setup)
     setup.warehouse.members("High Value Users", "u1")
     setup.receiver.respond = lambda n, b: Reply(drop=True)  # processed, answer lost
-    sync(setup.config(destination="max_attempts = 1"), engine, RunOptions())
+    sync(setup.config(destination="max_attempts = 1"), engine)
     setup.receiver.respond = lambda n, b: Reply()
     setup.warehouse.members("High Value Users")  # back to the acknowledged state
-    sync(setup.config(), engine, RunOptions())
+    sync(setup.config(), engine)
     view, *_ = replay(setup.receiver.bodies())
     assert view["u1"].get(HV, False) is False

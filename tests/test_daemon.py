@@ -18,7 +18,7 @@ from reconciler.config import Schedule
 from reconciler.daemon import JOB_ID, MISFIRE_GRACE_SECONDS, build_scheduler, run_once
 from reconciler.lock import RunLock
 from reconciler.metrics import Metrics
-from reconciler.run import RunOptions
+from reconciler.run import Seams
 from reconciler.schema import sync_runs, updates
 
 from .conftest import Setup
@@ -77,7 +77,7 @@ def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(
         people, engine_of, caplog):
     caplog.set_level(logging.INFO, logger="reconciler.daemon")
     engine, metrics = engine_of(people), Metrics()
-    result = run_once(people.config(), engine, RunOptions(trigger="schedule"), metrics)
+    result = run_once(people.config(), engine, Seams(), metrics)
     assert result is not None and result.status == "succeeded"
     (line,) = daemon_log(caplog)
     assert line.getMessage().startswith(f"run {result.run_id} succeeded in ")
@@ -93,7 +93,7 @@ def test_tick_finding_the_lock_held_logs_one_line_and_skips(people, engine_of, c
     caplog.set_level(logging.INFO, logger="reconciler.daemon")
     engine, metrics = engine_of(people), Metrics()
     with RunLock(engine):
-        assert run_once(people.config(), engine, RunOptions(trigger="schedule"), metrics) \
+        assert run_once(people.config(), engine, Seams(), metrics) \
             is None
     (line,) = daemon_log(caplog)
     assert line.getMessage().startswith("tick skipped: another run holds the lock")
@@ -108,7 +108,7 @@ def test_failed_run_is_recorded_and_the_next_tick_runs(people, engine_of, caplog
                                           f"sqlite:///{people.tmp_path}/missing/source.db")
     (people.tmp_path / "broken.toml").write_text(broken)
     from reconciler.config import load_config
-    options = RunOptions(trigger="schedule")
+    options = Seams()
     assert run_once(load_config(people.tmp_path / "broken.toml", env={}), engine, options,
                     metrics) is None
     (line,) = daemon_log(caplog)
@@ -129,20 +129,20 @@ def test_crash_inside_a_run_is_recorded_and_the_daemon_keeps_going(people, engin
     caplog.set_level(logging.INFO, logger="reconciler.daemon")
     engine = engine_of(people)
     crashed = run_once(people.config(), engine,
-                       RunOptions(trigger="schedule", transport=ExplodingTransport()))
+                       Seams(transport=ExplodingTransport()))
     assert crashed is None
     (line,) = daemon_log(caplog)
     assert line.levelno == logging.ERROR and "RuntimeError: boom" in line.getMessage()
     (run,) = all_runs(engine)
     assert run.status == "failed" and "unexpected error: RuntimeError: boom" in run.error
-    again = run_once(people.config(), engine, RunOptions(trigger="schedule"))
+    again = run_once(people.config(), engine, Seams())
     assert again is not None and (again.status, again.sent) == ("succeeded", 3)
     assert len(people.receiver.bodies()) == 3
 
 
 def test_job_body_does_nothing_once_stopping(people, engine_of):
     engine = engine_of(people)
-    options = RunOptions(trigger="schedule")
+    options = Seams()
     options.stop.set()
     assert run_once(people.config(), engine, options) is None
     assert all_runs(engine) == []

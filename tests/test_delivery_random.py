@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from reconciler.run import RunOptions, sync
+from reconciler.run import Seams, sync
 from reconciler.schema import deliveries, sync_runs, updates
 
 from .conftest import Setup
@@ -60,13 +60,13 @@ def converge(setup: Setup, engine: Engine, seed: int, changes: int) -> None:
     source.fill()
     setup.receiver.respond = flaky(random.Random(seed + 1))
     config = setup.config(destination="max_attempts = 3")
-    options = RunOptions(backoff_initial=0.001)
+    options = Seams(backoff_initial=0.001)
     statuses = []
     for _ in range(changes):
-        statuses.append(sync(config, engine, options).status)
+        statuses.append(sync(config, engine, seams=options).status)
         source.change(engine, rng.randint(5, 30))
     for _ in range(MAX_SETTLING_RUNS):
-        result = sync(config, engine, options)
+        result = sync(config, engine, seams=options)
         statuses.append(result.status)
         if result.status == "succeeded":
             break

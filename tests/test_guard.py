@@ -19,7 +19,7 @@ from reconciler.db import state_engine
 from reconciler.errors import ConfigError
 from reconciler.guard import Trip, Verdict
 from reconciler.metrics import Metrics
-from reconciler.run import RunOptions
+from reconciler.run import Seams
 from reconciler.schema import acked, sync_runs, updates
 
 from .conftest import Setup
@@ -350,7 +350,7 @@ def test_daemon_job_halts_on_every_tick_and_the_metric_shows_it(synced, caplog):
     synced.warehouse.members("Order Completed Last 30 Days")
     for tick in (1, 2):
         caplog.clear()
-        result = run_once(config, synced.engine, RunOptions(trigger="schedule"), metrics)
+        result = run_once(config, synced.engine, Seams(), metrics)
         assert result is not None and result.status == "halted"
         (line,) = [r for r in caplog.records if r.name == "reconciler.daemon"]
         assert line.levelno == logging.ERROR and line.getMessage().endswith(BOTH_HALT)
@@ -361,7 +361,7 @@ def test_daemon_job_halts_on_every_tick_and_the_metric_shows_it(synced, caplog):
     assert [r.status for r in runs(synced.engine)][-2:] == ["halted", "halted"]
     synced.warehouse.members("High Value Users", *HV_USERS)
     synced.warehouse.members("Order Completed Last 30 Days", *OC_USERS)
-    fixed = run_once(config, synced.engine, RunOptions(trigger="schedule"), metrics)
+    fixed = run_once(config, synced.engine, Seams(), metrics)
     assert fixed is not None and fixed.status == "succeeded"
     assert sample("reconciler_halted_audiences") == 0
 

@@ -21,7 +21,7 @@ from reconciler.cli import main
 from reconciler.db import migrate, state_engine
 from reconciler.errors import LockHeld
 from reconciler.lock import RunLock, process_start
-from reconciler.run import RunOptions, sync
+from reconciler.run import Seams, sync
 from reconciler.schema import run_lock
 
 from .helpers import CLI_ENV
@@ -189,7 +189,7 @@ def test_run_stops_sending_when_its_lock_is_lost(setup, engine_of, monkeypatch):
     setup.receiver.respond = respond
     config = setup.config()
     config = replace(config, destination=replace(config.destination, max_concurrency=1))
-    result = sync(config, engine, RunOptions(backoff_initial=0.01))
+    result = sync(config, engine, seams=Seams(backoff_initial=0.01))
     assert len(setup.receiver.requests) == 1
     assert (result.status, result.sent, result.pending) == ("partial", 1, 9)
     assert result.error and "lock was lost" in result.error
@@ -202,5 +202,5 @@ def test_lease_renewals_during_a_long_snapshot_do_not_lock_the_run_out(setup, en
     import functools
     monkeypatch.setattr(run_module, "RunLock", functools.partial(RunLock, renew_every=0.005))
     setup.warehouse.members("High Value Users", *(f"u{i}" for i in range(3_000)))
-    result = sync(setup.config(), engine_of(setup), RunOptions())
+    result = sync(setup.config(), engine_of(setup))
     assert result.status == "succeeded" and result.sent == 3_000

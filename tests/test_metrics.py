@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.metrics import Metrics, serve
-from reconciler.run import RunOptions, sync
+from reconciler.run import sync
 
 from .conftest import Setup
 from .processes import Daemon, free_port, wait_for
@@ -75,7 +75,7 @@ def test_daemon_serves_metrics_on_loopback(people, engine_of):
 def test_gauges_start_from_the_state_database(people, engine_of):
     engine = engine_of(people)
     people.receiver.respond = lambda _n, body: Reply(503 if body["user_id"] == "u3" else 200)
-    sync(people.config(destination="max_attempts = 1"), engine, RunOptions())
+    sync(people.config(destination="max_attempts = 1"), engine)
     metrics = Metrics()
     metrics.load(engine)
     sample = metrics.registry.get_sample_value

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import main
-from reconciler.run import RunOptions, sync
+from reconciler.run import sync
 
 from .conftest import Setup
 from .receiver import Reply
@@ -56,11 +56,11 @@ def test_every_sql_recipe_runs_and_finds_the_failure(setup: Setup, engine_of):
     setup.warehouse.execute("INSERT INTO companies VALUES (?, ?, 'Acme')", ACCOUNT, USER)
     setup.warehouse.execute("CREATE TABLE enterprise (group_id TEXT)")
     setup.warehouse.executemany("INSERT INTO enterprise VALUES (?)", [(ACCOUNT,), ("orphan",)])
-    sync(setup.config(extra=ACCOUNTS), engine, RunOptions())
+    sync(setup.config(extra=ACCOUNTS), engine)
     setup.warehouse.trait("Lifetime Value", {USER: 5})
     setup.warehouse.execute("UPDATE companies SET name = 'Acme Inc'")
     setup.receiver.respond = lambda _n, _body: Reply(400, "contact rejected")
-    assert sync(setup.config(extra=ACCOUNTS), engine, RunOptions()).status == "partial"
+    assert sync(setup.config(extra=ACCOUNTS), engine).status == "partial"
     backend = engine.dialect.name
     ran = 0
     for recipe in recipes():

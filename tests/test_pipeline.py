@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from reconciler.run import RunOptions, RunResult, dry_run, sync
+from reconciler.run import RunResult, Seams, dry_run, sync
 from reconciler.schema import acked, sync_runs, updates
 
 from .conftest import Setup
@@ -19,7 +19,7 @@ LTV = "lifetime_value"
 
 
 def run(setup: Setup, engine: Any, **config: Any) -> RunResult:
-    return sync(setup.config(**config), engine, RunOptions(backoff_initial=0.01))
+    return sync(setup.config(**config), engine, seams=Seams(backoff_initial=0.01))
 
 
 def custom(body: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, select, update
 from reconciler.cli import main
 from reconciler.lock import RunLock
 from reconciler.retention import prune
-from reconciler.run import RunOptions, RunResult, sync
+from reconciler.run import RunResult, Seams, sync
 from reconciler.schema import ack_versions, acked, changes, deliveries, sync_runs, updates
 
 from .conftest import Setup
@@ -23,7 +23,7 @@ FAR_FUTURE = datetime(2999, 1, 1, tzinfo=UTC)  # a cutoff that makes every run o
 
 
 def run(setup: Setup, engine: Engine, **config: Any) -> RunResult:
-    return sync(setup.config(**config), engine, RunOptions(backoff_initial=0.01))
+    return sync(setup.config(**config), engine, seams=Seams(backoff_initial=0.01))
 
 
 def rows(engine: Engine, table: Any, *columns: Any) -> list[tuple[Any, ...]]:

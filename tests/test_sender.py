@@ -24,7 +24,7 @@ from sqlalchemy import select
 from reconciler.cli import main
 from reconciler.config import Destination, load_config
 from reconciler.pacing import WINDOW, Pacer
-from reconciler.run import RunOptions, sync
+from reconciler.run import Seams, sync
 from reconciler.schema import deliveries, sync_runs, updates
 from reconciler.secret import Secret
 from reconciler.sender import Delivery, Job, Sender, retry_after_seconds
@@ -503,7 +503,7 @@ def test_stop_during_a_pacing_wait_refuses_admission():
 # --- Recording (both state backends) -------------------------------------------------
 
 def run(setup: Setup, engine: Any, **config: Any) -> Any:
-    return sync(setup.config(**config), engine, RunOptions(backoff_initial=0.01))
+    return sync(setup.config(**config), engine, seams=Seams(backoff_initial=0.01))
 
 
 @pytest.fixture
@@ -575,12 +575,12 @@ def test_pending_updates_are_sent_first_by_the_next_run(three, engine_of):
     one_at_a_time = replace(one_at_a_time, destination=replace(one_at_a_time.destination,
                                                                max_concurrency=1))
     three.receiver.respond = lambda n, b: Reply(503) if b["user_id"] == "u3" else Reply()
-    sync(one_at_a_time, engine, RunOptions(backoff_initial=0.01))
+    sync(one_at_a_time, engine, seams=Seams(backoff_initial=0.01))
     earlier = [b for b in three.receiver.bodies() if b["user_id"] == "u3"]
     three.receiver.respond = lambda n, b: Reply()
     three.receiver.clear()
     three.warehouse.members("High Value Users", "u1", "u2", "u3", "u0")
-    sync(one_at_a_time, engine, RunOptions(backoff_initial=0.01))
+    sync(one_at_a_time, engine, seams=Seams(backoff_initial=0.01))
     bodies = three.receiver.bodies()
     assert [b["user_id"] for b in bodies] == ["u3", "u0"]
     assert bodies[0]["message_id"] == earlier[0]["message_id"]

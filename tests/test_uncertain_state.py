@@ -17,7 +17,7 @@ from alembic import command
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from reconciler.config import Entry
-from reconciler.db import alembic_config, migrate, state_engine
+from reconciler.db import alembic_config, migrate, migration_connection, state_engine
 from reconciler.diff import fill_diff, fill_run_keys
 from reconciler.ledger import (
     AttemptRecord,
@@ -94,7 +94,8 @@ def diff(conn: Connection, snap: list[tuple[str, str, str]], *, keys: tuple[str,
     create_temp_tables(conn)
     if snap:
         mark = "?" if conn.dialect.name == "sqlite" else "%s"
-        conn.exec_driver_sql(f"INSERT INTO snap VALUES ({mark}, {mark}, {mark})", snap)
+        conn.exec_driver_sql("INSERT INTO snap (user_id, key, value) "
+                             f"VALUES ({mark}, {mark}, {mark})", snap)
     conn.exec_driver_sql("CREATE INDEX snap_user_key ON snap (user_id, key, value)")
     fill_run_keys(conn, [ENTRIES[k] for k in keys if k not in failed], failed, resync)
     fill_diff(conn)
@@ -325,7 +326,7 @@ def test_the_migration_carries_in_flight_and_maybe_delivered_updates_over(state_
         assert sorted(left) == [("u1", True), ("u8", True)]
         assert conn.execute(select(updates.c.id).where(
             updates.c.in_flight_since.is_not(None))).all() == []
-    with engine.begin() as conn:
+    with migration_connection(engine) as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0004")
         command.upgrade(cfg, "head")

@@ -1,0 +1,190 @@
+"""The plan phase of a run: snapshot, diff, guard, plan, and commit the plan (SPEC §1).
+
+    plan_run(config, engine, run_id, request)     Planned; the run's updates are durable
+    dry_run(config, engine, ...)                  DryRunReport; nothing durable at all
+
+Both open one state connection, snapshot the source into its temporary tables in one
+read-only source transaction, diff in SQL and let the safety guard judge the diff
+(guard.py). A real run then writes the plan as pending updates in ONE transaction
+before anything is sent, so a crash at any point loses nothing; a halted run
+(`RunHalted`) keeps nothing it planned; a dry run rolls everything back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from .config import Config
+from .db import database_error, source_engine
+from .diff import fill_diff, fill_run_keys
+from .errors import RunHalted
+from .guard import Verdict, audience_keys, proceed_command
+from .guard import check as check_exits
+from .ledger import commit_plan, count_pending, update_run
+from .outcome import SEND_ORDER, DryRunReport, RunRequest
+from .plan import PlanCounts, count_diff, fill_plan
+from .schema import updates
+from .snapshot import Snapshot, create_temp_tables, drop_temp_tables, load_profile, take_snapshot
+from .source import TRUE
+from .source_snapshot import begin_snapshot
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What the plan phase saw and committed."""
+
+    observed_at: datetime
+    users_seen: int
+    accounts_seen: int
+    rows_ignored: int
+    counts: PlanCounts
+    resent: int
+    guard: Verdict
+    failed_entries: tuple[str, ...]  # the messages of entries that failed this run
+    skipped_by_kind: dict[str, int]
+
+
+def plan_run(config: Config, engine: Engine, run_id: int, request: RunRequest) -> Planned:
+    """Snapshot, diff, guard and plan; commit the plan as pending updates at once.
+
+    Raises RunHalted (after recording what the run saw) when the guard trips.
+    """
+    with engine.connect() as state:
+        snapshot = snapshot_and_diff(config, state, request.resync_keys)
+        observed_at = snapshot.source.taken_at
+        verdict = check_exits(state, config.safety, audience_keys(config),
+                              request.accept_exits)
+        if verdict.halted:
+            _halt(state, run_id, snapshot, verdict, request)
+        counts, resent = split_resent(state, fill_plan(
+            state, observed_at, run_id if request.resync_keys else None,
+            config.destination.custom_attributes))
+        # End the long read transaction before writing: on SQLite, a transaction that
+        # read the main database before another connection (the lock's lease renewal)
+        # committed can never write ("database is locked", whatever the busy timeout).
+        # Only temp tables were written so far, and they outlive the commit.
+        state.commit()
+        commit_plan(state, run_id, observed_at)
+        update_run(state, run_id, snapshot_at=observed_at, users_seen=snapshot.users_seen,
+                   users_changed=counts.users, entered=counts.entered, exited=counts.exited,
+                   traits_changed=counts.traits_changed, skipped=counts.skipped,
+                   rows_ignored=snapshot.rows_ignored, resent=resent,
+                   source_snapshot=snapshot.source.id, accounts_seen=snapshot.accounts_seen,
+                   accounts_changed=counts.accounts)
+        skipped = _skipped_by_kind(state, run_id)
+        state.commit()
+        drop_temp_tables(state)
+        state.commit()
+    return Planned(observed_at, snapshot.users_seen, snapshot.accounts_seen,
+                   snapshot.rows_ignored, counts, resent, verdict,
+                   tuple(str(e) for e in snapshot.failed.values()), skipped)
+
+
+def dry_run(config: Config, engine: Engine, sample_size: int = 5,
+            accept_exits: Collection[str] = ()) -> DryRunReport:
+    """Snapshot and diff, then roll everything back: no lock, no run row, nothing sent.
+
+    The report carries the safety guard's verdict, as a real run would judge it.
+    """
+    try:
+        with engine.connect() as state:
+            # With custom attributes no contact body can be skipped (each carries its
+            # changed keys), unless a contact field change alone makes one, and an
+            # account's skip is told in SQL; so the counts come from the diff in SQL and
+            # only the sample is built. Otherwise every body is built to count skips.
+            fast = config.destination.custom_attributes and not config.profile_send_changes
+            snapshot = snapshot_and_diff(config, state, (), sample_size if fast else None)
+            observed_at = snapshot.source.taken_at
+            verdict = check_exits(state, config.safety, audience_keys(config), accept_exits)
+            planned = fill_plan(state, observed_at, None, config.destination.custom_attributes,
+                                max_users=sample_size if fast else None)
+            counts, resent = split_resent(state, count_diff(state) if fast else planned)
+            kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
+            # The sample: the first accounts, then the first contacts.
+            rows = [row for entity in SEND_ORDER for row in state.exec_driver_sql(
+                f"SELECT body, status, note FROM plan WHERE entity = '{entity}' "
+                f"ORDER BY seq LIMIT {int(sample_size)}").all()]
+            state.rollback()
+            drop_temp_tables(state)
+            state.commit()
+    except SQLAlchemyError as exc:
+        raise database_error("state", engine, exc) from None
+    sample = [{"status": status, "note": note, "body": json.loads(body)}
+              for body, status, note in rows]
+    return DryRunReport(snapshot.users_seen, counts, kept, snapshot.rows_ignored,
+                        {k: str(e) for k, e in snapshot.failed.items()}, sample,
+                        guard=verdict, resent=resent, accounts_seen=snapshot.accounts_seen)
+
+
+def snapshot_and_diff(config: Config, state: Connection, resync_keys: Collection[str],
+                      profile_users: int | None = None) -> Snapshot:
+    """Snapshot the entries, diff them, then read the profile of the changed users.
+
+    Every source query runs in one read-only transaction of one source connection
+    (source_snapshot.py), so the whole snapshot describes one moment.
+    """
+    create_temp_tables(state)
+    source = source_engine(config.source_url)
+    try:
+        try:
+            conn = source.connect()
+        except SQLAlchemyError as exc:
+            raise database_error("source", source, exc) from None
+        with conn:
+            source_snapshot = begin_snapshot(conn)  # every query below reads this moment
+            snapshot = take_snapshot(config, conn, state)
+            snapshot.source = source_snapshot
+            fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys,
+                          snapshot.fields)
+            fill_diff(state)
+            load_profile(config, conn, state, profile_users)
+            return snapshot
+    finally:
+        source.dispose()
+
+
+def split_resent(state: Connection, counts: PlanCounts) -> tuple[PlanCounts, int]:
+    """`counts` without the values re-sent as acknowledged (a resync, an uncertain key),
+    and how many those are: `entered`, `exited` and `traits_changed` count changes."""
+    entered, exited, traits = state.exec_driver_sql(f"""
+        SELECT SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN kind = 'audience' AND new_value <> '{TRUE}' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
+        FROM diff WHERE old_value = new_value""").one()
+    entered, exited, traits = entered or 0, exited or 0, traits or 0
+    return replace(counts, entered=counts.entered - entered, exited=counts.exited - exited,
+                   traits_changed=counts.traits_changed - traits), entered + exited + traits
+
+
+def _halt(state: Connection, run_id: int, snapshot: Snapshot, verdict: Verdict,
+          request: RunRequest) -> None:
+    """Drop everything the run planned, record what it saw, and raise RunHalted."""
+    # Only temp tables were written; the rollback also ends the read transaction, so
+    # the row below can be written (see the SQLite note in `plan_run`).
+    state.rollback()
+    drop_temp_tables(state)
+    state.commit()
+    # The write first: on SQLite it takes the write lock before anything is read.
+    update_run(state, run_id, snapshot_at=snapshot.source.taken_at,
+               users_seen=snapshot.users_seen, rows_ignored=snapshot.rows_ignored)
+    pending = count_pending(state)  # earlier updates stay pending, unsent
+    update_run(state, run_id, pending=pending)
+    state.commit()
+    message = verdict.message(proceed_command(request.trigger, request.resync_label))
+    failures = "; ".join(str(e) for e in snapshot.failed.values())
+    raise RunHalted("; ".join(filter(None, (message, failures))), verdict,
+                    users_seen=snapshot.users_seen, rows_ignored=snapshot.rows_ignored,
+                    pending=pending)
+
+
+def _skipped_by_kind(state: Connection, run_id: int) -> dict[str, int]:
+    rows = state.execute(select(updates.c.entity, func.count()).where(
+        updates.c.run_id == run_id, updates.c.status == "skipped")
+        .group_by(updates.c.entity)).all()
+    return {str(kind): int(count) for kind, count in rows}
