@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+HOLD_LIMIT = 60.0
+
 
 @dataclass
 class Reply:
@@ -22,6 +24,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0      # seconds to wait before answering
     drop: bool = False      # close the connection without answering
+    # Answer only once this event is set (at most HOLD_LIMIT seconds): orders requests
+    # across threads without guessing how long anything takes.
+    hold: threading.Event | None = None
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Receiver:
                     reply = receiver.respond(number, body)
                     receiver.requests.append(Received(self.path, dict(self.headers), body,
                                                       time.monotonic(), reply.status))
+                if reply.hold is not None:
+                    reply.hold.wait(HOLD_LIMIT)
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.drop:
