@@ -8,13 +8,15 @@ in the same transaction that records why (a 2xx delivery, or a skip).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from .schema import deliveries, sync_runs, updates
+
+if TYPE_CHECKING:  # the delivery layer defines it; importing it here would load httpx
+    from .retry import AttemptRecord
 
 LIVE = ("pending", "rejected")
 
@@ -97,21 +99,6 @@ def acknowledge(state: Connection, ids_sql: str, params: dict[str, Any], status:
         SELECT user_id, 1 FROM updates WHERE id IN ({ids_sql}) AND true
         ON CONFLICT (user_id) DO UPDATE SET version = ack_versions.version + 1
     """), args)
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One HTTP attempt, as it goes into `deliveries`."""
-
-    attempt: int
-    sent_at: datetime
-    latency_ms: float | None
-    status_code: int | None
-    outcome: str  # acknowledged | retry | rejected | error
-    error: str | None
-    # False only when the request certainly did no work at the destination: it was
-    # never connected, or was refused before processing (408, 423, 429, 503, 4xx).
-    maybe_delivered: bool = True
 
 
 def record_deliveries(state: Connection, run_id: int,

@@ -24,9 +24,10 @@ from sqlalchemy import select
 from reconciler.cli import main
 from reconciler.config import Destination, load_config
 from reconciler.pacing import WINDOW, Pacer
+from reconciler.retry import retry_after_seconds
 from reconciler.run import RunOptions, sync
 from reconciler.schema import deliveries, sync_runs, updates
-from reconciler.sender import Delivery, Job, Sender, retry_after_seconds
+from reconciler.sender import Delivery, Job, Sender
 
 from .conftest import Setup
 from .receiver import Reply
@@ -113,6 +114,7 @@ def test_retries_stop_at_max_attempts_and_the_update_stays_pending(receiver):
     receiver.respond = lambda n, b: Reply(503)
     (delivery,) = deliver(receiver.url, [job()], max_attempts=3)
     assert delivery.result == "pending" and len(delivery.attempts) == 3
+    assert [a.decision for a in delivery.attempts] == ["retry", "retry", "max_attempts"]
     assert error(delivery, -1).startswith("not retried: max_attempts (3) reached")
 
 
@@ -219,6 +221,7 @@ def test_dropped_connection_without_answer_is_retried(receiver):
     receiver.respond = script(Reply(drop=True))
     (delivery,) = deliver(receiver.url, [job()])
     assert [a.outcome for a in delivery.attempts] == ["error", "acknowledged"]
+    assert delivery.attempts[0].maybe_delivered  # the request had gone out
 
 
 def test_answer_slower_than_the_timeout_is_retried(receiver):
@@ -236,6 +239,7 @@ def test_answer_slower_than_the_timeout_is_retried(receiver):
     # On a loaded machine a later answer may miss 0.5 s too; each such one is retried.
     assert timed_out and last.outcome == "acknowledged"
     assert all(a.outcome == "error" and "ReadTimeout" in (a.error or "") for a in timed_out)
+    assert all(a.maybe_delivered for a in timed_out)
 
 
 def test_refused_connection_is_retried_then_left_pending():
@@ -245,6 +249,7 @@ def test_refused_connection_is_retried_then_left_pending():
     (delivery,) = deliver(f"http://127.0.0.1:{port}/hook", [job()], max_attempts=2)
     assert delivery.result == "pending"
     assert [a.outcome for a in delivery.attempts] == ["error", "error"]
+    assert not any(a.maybe_delivered for a in delivery.attempts)
     assert "ConnectError" in error(delivery)
 
 
@@ -270,6 +275,9 @@ def test_retry_after_seconds_is_honoured_and_recorded(receiver):
     fake = FakeClock()
     (delivery,) = deliver(receiver.url, [job()], fake)
     assert fake.sleeps[-1] == 7.0
+    first = delivery.attempts[0]
+    assert (first.decision, first.retry_in, first.retry_after, first.maybe_delivered) == (
+        "retry", 7.0, "7", False)
     assert error(delivery) == "retry in 7.00 s; Retry-After: 7; response: ok"
 
 
@@ -293,6 +301,8 @@ def test_retry_after_beyond_the_retry_budget_leaves_the_update_pending(receiver)
     (delivery,) = deliver(receiver.url, [job()], fake, retry_budget_seconds=60)
     assert delivery.result == "pending" and len(delivery.attempts) == 1
     assert fake.sleeps == []
+    (attempt,) = delivery.attempts
+    assert (attempt.decision, attempt.retry_in, attempt.budget_left) == ("budget", 120, 60)
     assert error(delivery).startswith(
         "not retried: a 120.00 s wait exceeds the run's retry budget (60.00 s left)")
 
@@ -367,6 +377,7 @@ def test_stop_interrupts_a_retry_wait_and_leaves_the_update_pending(receiver):
     assert not worker.is_alive()
     (delivery,) = results
     assert delivery.result == "pending" and len(receiver.requests) == 1
+    assert (delivery.attempts[0].decision, delivery.attempts[0].retry_in) == ("stopping", 300)
     assert error(delivery).startswith("not retried: the run is stopping")
 
 
