@@ -2,16 +2,20 @@
 
     RetryPolicy.from_destination(destination)   the policy of one run
     policy.classify(answer, attempt, ...)        Acknowledged | Rejected | Retry | GiveUp
+                                                 | Follow (a redirect to take)
     AttemptRecord                                one attempt as data, for `deliveries`
 
 The status classes:
 
     2xx                                   acknowledged (it was delivered)
+    307, 308 to https (or http on a       followed with the same method and body, at
+      loopback host)                      most 3 hops; the final answer counts
     408, 423, 429, 503                    retried; certainly did nothing
     5xx except 501 and 503                retried; may have been delivered
     transport errors                      retried; may have been delivered, except a
                                           failed connect (nothing was sent)
-    anything else (3xx, 4xx, 501, ...)    rejected; certainly did nothing
+    anything else (3xx, 4xx, 501, ...)    rejected; certainly did nothing (a refused
+                                          redirect names its status and masked Location)
 
 A retry waits with exponential backoff and full jitter, or as long as `Retry-After`
 says (seconds or HTTP date, capped at 5 minutes). A 429 or any Retry-After pauses
@@ -31,6 +35,9 @@ from typing import TYPE_CHECKING, Literal
 
 import httpx
 
+from .config import is_loopback_host
+from .redact import mask_webhook
+
 if TYPE_CHECKING:
     from .config import Destination
 
@@ -38,6 +45,8 @@ RETRYABLE = frozenset({408, 423, 429} | {s for s in range(500, 600) if s != 501}
 # Retryable answers that say the request was turned away before any work was done.
 NOT_PROCESSED = frozenset({408, 423, 429, 503})
 RETRY_AFTER_CAP = 300.0
+FOLLOWED = frozenset({307, 308})  # the redirects that keep the method and the body
+MAX_REDIRECTS = 3
 # Transport errors raised before any byte of the request left this process.
 NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
@@ -56,9 +65,21 @@ class Acknowledged:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A permanent refusal: not sent again until the user's state changes."""
+    """A permanent refusal: not sent again until the user's state changes.
 
+    `reason` says why when the status alone does not (a redirect not followed).
+    """
+
+    reason: str | None = None
     maybe_delivered: bool = False
+
+
+@dataclass(frozen=True)
+class Follow:
+    """A redirect to take: send the same request to `url` (masked for records: `shown`)."""
+
+    url: str
+    shown: str
 
 
 @dataclass(frozen=True)
@@ -109,12 +130,13 @@ class RetryPolicy:
         ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt - 1, 64))
         return jitter * ceiling
 
-    def classify(self, answer: Answer, attempt: int, *, now: datetime,
-                 jitter: float) -> Verdict:
+    def classify(self, answer: Answer, attempt: int, *, now: datetime, jitter: float,
+                 hops: int = 0) -> Verdict | Follow:
         """The verdict on attempt number `attempt`, whose answer was read at `now`.
 
         `jitter` is a uniform random number in [0, 1) for the backoff. Past
-        `max_attempts`, what would be retried gives up instead.
+        `max_attempts`, what would be retried gives up instead. `hops`: redirects
+        this attempt already followed.
         """
         if isinstance(answer, httpx.RequestError):
             maybe = not isinstance(answer, NEVER_SENT)
@@ -122,6 +144,8 @@ class RetryPolicy:
         status = answer.status_code
         if 200 <= status < 300:
             return Acknowledged()
+        if 300 <= status < 400:
+            return _redirect(answer, hops)
         if status not in RETRYABLE:
             return Rejected()
         after = retry_after_seconds(answer.headers.get("Retry-After"), now,
@@ -134,6 +158,31 @@ class RetryPolicy:
         if attempt >= self.max_attempts:
             return GiveUp("max_attempts", maybe)
         return Retry(delay, pause, maybe)
+
+
+def _redirect(answer: httpx.Response, hops: int) -> Follow | Rejected:
+    """Follow a 307 or 308 to https or loopback http, 3 hops at most; refuse the rest."""
+    status = answer.status_code
+    location = answer.headers.get("Location", "").strip()
+    if not location:
+        return Rejected(f"redirect ({status}) without a Location")
+    try:
+        target = answer.request.url.join(location)
+    except httpx.InvalidURL:
+        target = None
+    if target is None or not target.host:
+        return Rejected(f"redirect ({status}) to an unreadable Location")
+    shown = mask_webhook(str(target))
+    if status not in FOLLOWED:
+        why = "only 307 and 308 are"
+    elif hops >= MAX_REDIRECTS:
+        why = f"more than {MAX_REDIRECTS} redirects"
+    elif not (target.scheme == "https"
+              or (target.scheme == "http" and is_loopback_host(target.host))):
+        why = "only to https, or to http on a loopback host"
+    else:
+        return Follow(str(target), shown)
+    return Rejected(f"redirect ({status}) to {shown}: not followed ({why})")
 
 
 def give_up(retry: Retry, reason: GiveUpReason, budget_left: float | None = None) -> GiveUp:
@@ -212,6 +261,9 @@ class AttemptRecord:
     retry_in: float | None = None       # the wait taken, or the one that was not
     budget_left: float | None = None    # with decision "budget": what the run had left
     retry_after: str | None = None      # the Retry-After header as received (40 chars)
+    reason: str | None = None           # why a rejection, when the status does not say
+    redirects: int = 0                  # redirects followed before the final answer
+    redirected_to: str | None = None    # the last one's target, masked
 
     @property
     def error(self) -> str | None:
@@ -219,14 +271,20 @@ class AttemptRecord:
         if self.outcome == "acknowledged":
             return None
         parts: list[str] = []
+        if self.reason:
+            parts.append(self.reason)
         if self.decision is not None:
             parts.append(_decision_text(self))
         if self.retry_after is not None:
             parts.append(f"Retry-After: {self.retry_after}")
         if self.detail:
             # A rejection's error is the response excerpt itself (SPEC §5).
-            plain = self.status_code is None or self.outcome == "rejected"
+            plain = self.status_code is None or (self.outcome == "rejected"
+                                                 and not self.reason)
             parts.append(self.detail if plain else f"response: {self.detail}")
+        if self.redirects:
+            parts.append(f"after {self.redirects} redirect{'s' * (self.redirects > 1)}, "
+                         f"the last to {self.redirected_to}")
         return "; ".join(parts) or None
 
 

@@ -22,6 +22,8 @@ yields `Delivery` results and the run records them.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import random
 import threading
 import time
@@ -40,6 +42,7 @@ from .retry import (
     Acknowledged,
     AttemptRecord,
     Decision,
+    Follow,
     GiveUp,
     Outcome,
     Rejected,
@@ -102,7 +105,7 @@ class Sender:
         # The transport retries failed connects once; every other retry is ours.
         self.client = httpx.Client(
             timeout=httpx.Timeout(destination.timeout_seconds), limits=limits,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "User-Agent": user_agent()},
             transport=transport or httpx.HTTPTransport(retries=1, limits=limits))
 
     def close(self) -> None:
@@ -172,30 +175,47 @@ class Sender:
         return delivery
 
     def _attempt(self, job: Job, number: int) -> tuple[AttemptRecord, Verdict]:
-        """One POST, judged by the policy; a retry's wait already taken from the budget."""
+        """One POST (and the redirects it is sent on), judged by the policy.
+
+        A retry's wait is already taken from the budget; one that does not fit comes
+        back as a `GiveUp`. Each redirect hop waits for its own pacing slot.
+        """
         sent_at = datetime.now(UTC)
-        started = time.perf_counter()
-        answer: httpx.Response | httpx.RequestError
-        try:
-            answer = self.client.post(self.destination.webhook_url,
-                                      content=with_sent_at(job.body, sent_at))
-        except httpx.RequestError as exc:
-            answer = exc
-        latency = _ms(started)
-        verdict = self.policy.classify(answer, number, now=datetime.now(UTC),
-                                       jitter=random.random())
+        content = with_sent_at(job.body, sent_at)
+        # The one place the webhook URL itself is used: as the request's target.
+        url = self.destination.webhook_url
+        hops, shown, latency = 0, None, 0.0
+        while True:
+            started = time.perf_counter()
+            answer: httpx.Response | httpx.RequestError
+            try:
+                answer = self.client.post(url, content=content)
+            except httpx.RequestError as exc:
+                answer = exc
+            latency += time.perf_counter() - started
+            verdict = self.policy.classify(answer, number, now=datetime.now(UTC),
+                                           jitter=random.random(), hops=hops)
+            if not isinstance(verdict, Follow):
+                break
+            url, shown, hops = verdict.url, verdict.shown, hops + 1
+            if self.stopping() or not self.pacer.wait():
+                verdict = GiveUp("stopping", maybe_delivered=False)  # a redirect did nothing
+                break
         budget_left = None
         if isinstance(verdict, Retry) and not self.budget.take(verdict.delay):
             budget_left = self.budget.left
             verdict = give_up(verdict, "budget", budget_left)
-        return self._record(number, sent_at, latency, answer, verdict, budget_left), verdict
+        record = self._record(number, sent_at, round(latency * 1000, 3), answer, verdict)
+        return dataclasses.replace(record, budget_left=budget_left, redirects=hops,
+                                   redirected_to=shown), verdict
 
     def _record(self, number: int, sent_at: datetime, latency: float,
-                answer: httpx.Response | httpx.RequestError, verdict: Verdict,
-                budget_left: float | None) -> AttemptRecord:
+                answer: httpx.Response | httpx.RequestError, verdict: Verdict
+                ) -> AttemptRecord:
         """The attempt as data: what came back, and the verdict on it."""
         status: int | None = None
         retry_after: str | None = None
+        reason: str | None = None
         if isinstance(answer, httpx.RequestError):
             detail: str | None = self._excerpt(f"{type(answer).__name__}: {answer}")
         else:
@@ -209,14 +229,14 @@ class Sender:
         if isinstance(verdict, Acknowledged):
             outcome = "acknowledged"
         elif isinstance(verdict, Rejected):
-            outcome = "rejected"
+            outcome, reason = "rejected", verdict.reason
         elif isinstance(verdict, Retry):
             decision, retry_in = "retry", verdict.delay
         else:
             decision, retry_in = verdict.reason, verdict.wanted
         return AttemptRecord(number, sent_at, latency, status, outcome, detail or None,
-                             verdict.maybe_delivered, decision, retry_in, budget_left,
-                             retry_after)
+                             verdict.maybe_delivered, decision, retry_in,
+                             retry_after=retry_after, reason=reason)
 
     def _sleep_unless_stopped(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True as soon as any stop event is set."""
@@ -235,5 +255,10 @@ class Sender:
         return self.redact(text[:room])[:ERROR_EXCERPT]
 
 
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
+@functools.cache
+def user_agent() -> str:
+    """`reconciler/<version>`, the User-Agent of every request (SPEC §5)."""
+    try:
+        return f"reconciler/{importlib.metadata.version('reconciler')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, uninstalled
+        return "reconciler/unknown"

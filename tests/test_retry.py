@@ -17,6 +17,7 @@ from reconciler.config import Destination
 from reconciler.retry import (
     Acknowledged,
     AttemptRecord,
+    Follow,
     GiveUp,
     Rejected,
     Retry,
@@ -36,8 +37,8 @@ def answer(status: int, **headers: str) -> httpx.Response:
 
 
 def classify(what: httpx.Response | httpx.RequestError, attempt: int = 1,
-             jitter: float = 0.5, policy: RetryPolicy = POLICY):
-    return policy.classify(what, attempt, now=NOW, jitter=jitter)
+             jitter: float = 0.5, policy: RetryPolicy = POLICY, hops: int = 0):
+    return policy.classify(what, attempt, now=NOW, jitter=jitter, hops=hops)
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
@@ -45,11 +46,62 @@ def test_2xx_is_acknowledged(status):
     assert classify(answer(status)) == Acknowledged()
 
 
-@pytest.mark.parametrize("status", [100, 300, 301, 302, 303, 304, 400, 401, 403, 404, 409,
-                                    413, 422, 501, 600])
+@pytest.mark.parametrize("status", [100, 400, 401, 403, 404, 409, 413, 422, 501, 600])
 def test_other_statuses_are_rejected_and_certainly_did_nothing(status):
     verdict = classify(answer(status))
     assert verdict == Rejected() and not verdict.maybe_delivered
+
+
+# --- Redirects ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [307, 308])
+@pytest.mark.parametrize("location, target", [
+    ("https://new.example.com/hook/t0ken", "https://new.example.com/hook/t0ken"),
+    ("/moved/t0ken", "https://hooks.example.com/moved/t0ken"),
+    ("http://localhost:8080/x", "http://localhost:8080/x"),
+    ("http://127.0.0.9/x", "http://127.0.0.9/x"),
+    ("http://[::1]:81/x", "http://[::1]:81/x"),
+])
+def test_307_and_308_to_https_or_loopback_http_are_followed(status, location, target):
+    verdict = classify(answer(status, Location=location))
+    assert isinstance(verdict, Follow) and verdict.url == target
+    assert "t0ken" not in verdict.shown and verdict.shown.endswith("/***")
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 304, 305, 399])
+def test_other_redirects_are_rejected_naming_status_and_masked_location(status):
+    verdict = classify(answer(status, Location="https://elsewhere.example.com/t0ken"))
+    assert verdict == Rejected(f"redirect ({status}) to https://elsewhere.example.com/***: "
+                               "not followed (only 307 and 308 are)")
+    assert not verdict.maybe_delivered
+
+
+@pytest.mark.parametrize("location", ["http://hooks.example.com/t0ken", "http://10.0.0.1/x",
+                                      "ftp://hooks.example.com/x"])
+def test_a_redirect_to_plain_http_elsewhere_is_rejected(location):
+    verdict = classify(answer(307, Location=location))
+    assert isinstance(verdict, Rejected) and verdict.reason is not None
+    assert verdict.reason.endswith("not followed (only to https, or to http on a loopback "
+                                   "host)")
+    assert "t0ken" not in verdict.reason
+
+
+def test_a_fourth_redirect_is_rejected():
+    location = {"Location": "https://hooks.example.com/next"}
+    assert isinstance(classify(answer(308, **location), hops=2), Follow)
+    assert classify(answer(308, **location), hops=3) == Rejected(
+        "redirect (308) to https://hooks.example.com/***: not followed (more than 3 "
+        "redirects)")
+
+
+@pytest.mark.parametrize("headers, reason", [
+    ({}, "redirect (307) without a Location"),
+    ({"Location": "  "}, "redirect (307) without a Location"),
+    ({"Location": "http://host:port/x"}, "redirect (307) to an unreadable Location"),
+    ({"Location": "http://"}, "redirect (307) to an unreadable Location"),
+])
+def test_a_redirect_without_a_usable_location_is_rejected(headers, reason):
+    assert classify(answer(307, **headers)) == Rejected(reason)
 
 
 @pytest.mark.parametrize("status", [408, 423, 429, 503])
@@ -169,6 +221,12 @@ def record(**fields) -> AttemptRecord:
     ({"outcome": "acknowledged", "status_code": 200}, None),
     ({"outcome": "rejected", "status_code": 400, "detail": "bad"}, "bad"),
     ({"outcome": "rejected", "status_code": 404}, None),
+    ({"outcome": "rejected", "status_code": 302, "reason": "redirect (302) to x",
+      "detail": "moved"}, "redirect (302) to x; response: moved"),
+    ({"outcome": "rejected", "status_code": 401, "redirects": 2,
+      "redirected_to": "https://h/***"}, "after 2 redirects, the last to https://h/***"),
+    ({"decision": "retry", "retry_in": 2, "redirects": 1, "redirected_to": "https://h/***"},
+     "retry in 2.00 s; after 1 redirect, the last to https://h/***"),
     ({"decision": "retry", "retry_in": 7, "retry_after": "7", "detail": "busy"},
      "retry in 7.00 s; Retry-After: 7; response: busy"),
     ({"decision": "retry", "retry_in": 0.1234}, "retry in 0.12 s"),

@@ -7,6 +7,7 @@ whole syncs on both state backends.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import socket
 import socketserver
@@ -100,7 +101,7 @@ def test_retryable_status_is_retried_until_acknowledged(receiver, status):
         (status, "retry"), (200, "acknowledged")]
 
 
-@pytest.mark.parametrize("status", [301, 400, 401, 403, 404, 409, 413, 422, 501])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422, 501])
 def test_other_status_is_a_permanent_rejection_with_body_excerpt(receiver, status):
     receiver.respond = script(Reply(status, "no: " + "y" * 700))
     (delivery,) = deliver(receiver.url, [job()])
@@ -135,6 +136,114 @@ def test_every_attempt_resends_the_same_body_with_its_own_sent_at(receiver):
     assert {b["message_id"] for b in bodies} == {"m1"}
     assert {b["timestamp"] for b in bodies} == {"2024-01-01T00:00:00.000Z"}
     assert all("sent_at" in b for b in bodies)
+
+
+# --- Redirects and headers (SPEC §5) ---------------------------------------------------
+
+def header(request: Any, name: str) -> str | None:
+    return {k.lower(): v for k, v in request.headers.items()}.get(name.lower())
+
+
+def test_every_request_carries_the_user_agent_and_content_type(receiver):
+    deliver(receiver.url, [job(1), job(2)])
+    expected = f"reconciler/{importlib.metadata.version('reconciler')}"
+    assert [header(r, "User-Agent") for r in receiver.requests] == [expected, expected]
+    assert {header(r, "Content-Type") for r in receiver.requests} == {"application/json"}
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_307_and_308_are_followed_with_the_same_method_and_body(receiver, status):
+    receiver.respond = script(Reply(status, headers={"Location": "/moved/elsewhere"}))
+    (delivery,) = deliver(receiver.url, [job()])
+    assert delivery.result == "acknowledged"
+    first, second = receiver.requests  # only POSTs are recorded: the method was kept
+    assert (first.path, second.path) == ("/hook/s3cr3t-token", "/moved/elsewhere")
+    assert first.body == second.body  # the same bytes, sent_at included
+    assert header(second, "User-Agent") == header(first, "User-Agent")
+    (attempt,) = delivery.attempts
+    assert (attempt.status_code, attempt.redirects, attempt.error) == (200, 1, None)
+
+
+@pytest.mark.parametrize("redirects, result", [(3, "acknowledged"), (4, "rejected")])
+def test_at_most_three_redirects_are_followed(receiver, redirects, result):
+    receiver.respond = script(*[Reply(308, headers={"Location": f"/hop{n}"})
+                                for n in range(1, redirects + 1)])
+    (delivery,) = deliver(receiver.url, [job()])
+    assert delivery.result == result
+    # Three hops then the final answer; or three hops and a fourth redirect, refused.
+    assert len(receiver.requests) == 4
+    if result == "rejected":
+        host = receiver.url.split("/hook")[0]
+        assert error(delivery).startswith(
+            f"redirect (308) to {host}/***: not followed (more than 3 redirects)")
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303])
+def test_other_redirects_are_rejected_naming_status_and_masked_location(receiver, status):
+    host = receiver.url.split("/hook")[0]
+    receiver.respond = script(Reply(status, "moved",
+                                    headers={"Location": f"{host}/new/t0ken-s3cret"}))
+    (delivery,) = deliver(receiver.url, [job()])
+    assert delivery.result == "rejected" and len(receiver.requests) == 1
+    (attempt,) = delivery.attempts
+    assert (attempt.status_code, attempt.outcome, attempt.maybe_delivered) == (
+        status, "rejected", False)
+    assert attempt.error == (f"redirect ({status}) to {host}/***: not followed (only 307 "
+                             "and 308 are); response: moved")
+
+
+def test_a_redirect_to_plain_http_off_this_machine_is_not_followed(receiver):
+    receiver.respond = script(Reply(307, headers={"Location": "http://hooks.example.com/t"}))
+    (delivery,) = deliver(receiver.url, [job()])
+    assert delivery.result == "rejected" and len(receiver.requests) == 1
+    assert error(delivery).startswith("redirect (307) to http://hooks.example.com/***: "
+                                      "not followed (only to https, or to http on a "
+                                      "loopback host)")
+
+
+def test_a_redirect_to_localhost_by_name_is_followed(receiver):
+    port = receiver.server.server_port
+    receiver.respond = script(Reply(307, headers={"Location": f"http://localhost:{port}/x"}))
+    (delivery,) = deliver(receiver.url, [job()])
+    assert delivery.result == "acknowledged"
+    assert [r.path for r in receiver.requests] == ["/hook/s3cr3t-token", "/x"]
+
+
+def test_each_attempt_starts_again_at_the_webhook_url(receiver):
+    """A redirect followed by a retryable answer: the retry goes to the configured URL."""
+    receiver.respond = script(Reply(307, headers={"Location": "/moved"}), Reply(503, "busy"),
+                              Reply(307, headers={"Location": "/moved"}))
+    (delivery,) = deliver(receiver.url, [job()])
+    assert delivery.result == "acknowledged"
+    assert [r.path for r in receiver.requests] == ["/hook/s3cr3t-token", "/moved"] * 2
+    first, second = delivery.attempts
+    host = receiver.url.split("/hook")[0]
+    assert (first.status_code, first.redirects, first.decision) == (503, 1, "retry")
+    assert first.error is not None and first.error.endswith(
+        f"response: busy; after 1 redirect, the last to {host}/***")
+    assert (second.status_code, second.redirects) == (200, 1)
+
+
+def test_a_redirect_hop_waits_for_its_own_pacing_slot(receiver):
+    receiver.respond = script(Reply(307, headers={"Location": "/moved"}))
+    fake = FakeClock()
+    (delivery,) = deliver(receiver.url, [job()], fake, requests_per_second=1)
+    assert delivery.result == "acknowledged"
+    assert fake.sleeps == [pytest.approx(WINDOW)]
+
+
+def test_a_stop_before_a_redirect_hop_leaves_the_update_pending(receiver):
+    fake = FakeClock()
+
+    def redirect_and_stop(_n: int, _body: dict[str, Any]) -> Reply:
+        fake.stop.set()
+        return Reply(307, headers={"Location": "/moved"})
+    receiver.respond = redirect_and_stop
+    (delivery,) = deliver(receiver.url, [job()], fake)
+    assert delivery.result == "pending" and len(receiver.requests) == 1
+    (attempt,) = delivery.attempts
+    assert (attempt.status_code, attempt.decision, attempt.maybe_delivered) == (
+        307, "stopping", False)
 
 
 # --- Transport errors ---------------------------------------------------------------
