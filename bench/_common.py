@@ -46,6 +46,7 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
+    cpu_seconds: float = float("nan")  # user + system time of the command itself
 
     def tail(self, lines: int = 8) -> str:
         """The last lines of stderr (or stdout when stderr is empty), for error reports."""
@@ -89,7 +90,7 @@ def run_measured(argv: Sequence[str | os.PathLike[str]], *, timeout: float,
             return Measured(args, timeout, float("nan"), -9, stdout, stderr)
         cost = json.loads(result.read_text())
         return Measured(args, cost["seconds"], cost["maxrss_kb"] / 1024.0, cost["returncode"],
-                        stdout, stderr)
+                        stdout, stderr, cost.get("cpu_seconds", float("nan")))
 
 
 def _kill_group(pid: int) -> None:

@@ -1,8 +1,9 @@
 """A fast loopback webhook receiver, run in its own process.
 
 It speaks just enough HTTP/1.1 (keep-alive, ``Content-Length`` bodies) on asyncio
-protocols to answer every ``POST`` with ``200 {}``, and records each request's arrival
-time (``time.monotonic``). Control requests under ``/_ctl/`` reset the record, return
+protocols to answer every ``POST`` with ``200 {}`` (at once, or after a set delay, as
+a distant server would), and records each request's arrival time
+(``time.monotonic``). Control requests under ``/_ctl/`` reset the record, return
 statistics (count, achieved rate, the most requests in any one-second window, by arrival
 and by the bodies' ``sent_at``) and hand back the recorded bodies.
 
@@ -39,12 +40,14 @@ class Record:
         self.reset({})
 
     def reset(self, options: dict[str, list[str]]) -> None:
-        """Forget everything; ``keep_bodies=1`` keeps bodies, ``sent_at=1`` parses them."""
+        """Forget everything; ``keep_bodies=1`` keeps bodies, ``sent_at=1`` parses them,
+        ``delay=S`` answers every webhook request S seconds after it arrived."""
         self.arrivals: list[float] = []
         self.bodies: list[bytes] = []
         self.sent_at: list[float] = []
         self.keep_bodies = options.get("keep_bodies") == ["1"]
         self.parse_sent_at = options.get("sent_at") == ["1"]
+        self.delay = float(options.get("delay", ["0"])[0])
         self.errors = 0
 
     def add(self, body: bytes) -> None:
@@ -71,8 +74,26 @@ class Record:
             "sent_at_count": len(self.sent_at),
             "sent_at_rate": achieved_rate(self.sent_at),
             "sent_at_max_per_second": max_in_window(self.sent_at),
+            "transit_ms": self.transit_ms(),
             "unparsed_bodies": self.errors,
         }
+
+
+    def transit_ms(self) -> dict[str, float]:
+        """How much later than the fastest one each request arrived after its ``sent_at``.
+
+        The client's clock and ours differ by a constant, so the spread of (arrival -
+        sent_at) is what happened between stamping the body and reading it here: the
+        client's own delay before writing, and any stall of this process. ``sent_at``
+        has millisecond resolution, so a millisecond of it is rounding.
+        """
+        if not self.sent_at or len(self.sent_at) != len(self.arrivals):
+            return {}
+        offsets = sorted(a - s for a, s in zip(self.arrivals, self.sent_at, strict=True))
+        base = offsets[0]
+        return {"p50": round((offsets[len(offsets) // 2] - base) * 1000, 2),
+                "p99": round((offsets[int(len(offsets) * 0.99)] - base) * 1000, 2),
+                "max": round((offsets[-1] - base) * 1000, 2)}
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -107,10 +128,25 @@ class HttpProtocol(asyncio.Protocol):
             body = bytes(self.buffer[end + 4:end + 4 + length])
             del self.buffer[:end + 4 + length]
             method, target, _ = [*lines[0].split(" "), "", ""][:3]
-            self.transport.write(self.answer(method, target, body))
-            if headers.get("connection", "").lower() == "close":
-                self.transport.close()
+            delay = 0.0 if target.startswith("/_ctl/") else self.record.delay
+            close = headers.get("connection", "").lower() == "close"
+            answer = self.answer(method, target, body)
+            if delay > 0:  # answers keep their order: every one waits the same time
+                asyncio.get_running_loop().call_later(delay, self.write, self.transport,
+                                                      answer, close)
+            else:
+                self.write(self.transport, answer, close)
+            if close:
                 self.transport = None
+
+    @staticmethod
+    def write(transport: asyncio.Transport, answer: bytes, close: bool) -> None:
+        """Send one answer (the client may have gone meanwhile); close when asked."""
+        if transport.is_closing():
+            return
+        transport.write(answer)
+        if close:
+            transport.close()
 
     def answer(self, method: str, target: str, body: bytes) -> bytes:
         """The response bytes for one request: webhook posts get ``200 {}``."""
@@ -164,9 +200,12 @@ class Receiver:
         with urlopen(Request(self.base + path), timeout=120) as response:
             return json.loads(response.read())
 
-    def reset(self, *, keep_bodies: bool = False, sent_at: bool = False) -> None:
-        """Forget what arrived; optionally keep bodies or parse their ``sent_at``."""
-        self._control(f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}")
+    def reset(self, *, keep_bodies: bool = False, sent_at: bool = False,
+              delay: float = 0.0) -> None:
+        """Forget what arrived; optionally keep bodies, parse their ``sent_at``, or answer
+        each webhook request ``delay`` seconds after it arrived."""
+        self._control(f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}"
+                      f"&delay={delay!r}")
 
     def stats(self) -> dict[str, Any]:
         """Statistics of what arrived since the last reset (see ``Record.stats``)."""
