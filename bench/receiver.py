@@ -1,9 +1,11 @@
 """A fast loopback webhook receiver, run in its own process.
 
-It speaks just enough HTTP/1.1 (keep-alive, ``Content-Length`` bodies) on asyncio
-protocols to answer every ``POST`` with ``200 {}`` (at once, or after a set delay, as
-a distant server would), and records each request's arrival time
-(``time.monotonic``). Control requests under ``/_ctl/`` reset the record, return
+It speaks just enough HTTP/1.1 (keep-alive, ``Content-Length`` bodies) on an asyncio
+loop to answer every ``POST`` with ``200 {}`` (at once, or after a set delay, as a
+distant server would), and records each request's arrival time as the kernel stamped
+it (``SO_TIMESTAMPNS`` on Linux, else the time it was read): on a busy machine this
+process may wait milliseconds for a CPU, and a request stamped only when read would
+seem to arrive late. Control requests under ``/_ctl/`` reset the record, return
 statistics (count, achieved rate, the most requests in any one-second window, by arrival
 and by the bodies' ``sent_at``) and hand back the recorded bodies.
 
@@ -17,9 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import struct
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -50,9 +55,9 @@ class Record:
         self.delay = float(options.get("delay", ["0"])[0])
         self.errors = 0
 
-    def add(self, body: bytes) -> None:
-        """Record one webhook request."""
-        self.arrivals.append(time.monotonic())
+    def add(self, body: bytes, at: float) -> None:
+        """Record one webhook request that arrived at ``at`` (seconds since the epoch)."""
+        self.arrivals.append(at)
         if self.keep_bodies:
             self.bodies.append(body)
         if self.parse_sent_at:
@@ -80,43 +85,97 @@ class Record:
 
 
     def transit_ms(self) -> dict[str, float]:
-        """How much later than the fastest one each request arrived after its ``sent_at``.
+        """Milliseconds from each body's ``sent_at`` to its arrival: median, p99, max.
 
-        The client's clock and ours differ by a constant, so the spread of (arrival -
-        sent_at) is what happened between stamping the body and reading it here: the
-        client's own delay before writing, and any stall of this process. ``sent_at``
-        has millisecond resolution, so a millisecond of it is rounding.
+        One machine, one clock: this is what happened between the client stamping the
+        body and the kernel receiving it (mostly the client's own delay before writing).
+        ``sent_at`` is cut to the millisecond, so up to 1 ms of it is rounding.
         """
         if not self.sent_at or len(self.sent_at) != len(self.arrivals):
             return {}
-        offsets = sorted(a - s for a, s in zip(self.arrivals, self.sent_at, strict=True))
-        base = offsets[0]
-        return {"p50": round((offsets[len(offsets) // 2] - base) * 1000, 2),
-                "p99": round((offsets[int(len(offsets) * 0.99)] - base) * 1000, 2),
-                "max": round((offsets[-1] - base) * 1000, 2)}
+        transit = sorted(a - s for a, s in zip(self.arrivals, self.sent_at, strict=True))
+        return {"p50": round(transit[len(transit) // 2] * 1000, 2),
+                "p99": round(transit[int(len(transit) * 0.99)] * 1000, 2),
+                "max": round(transit[-1] * 1000, 2)}
 
 
-class HttpProtocol(asyncio.Protocol):
-    """One keep-alive connection: parse requests as they complete, answer each at once."""
+# Linux: the kernel's receive time of each segment, as a struct timespec.
+SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None
+_TIMESPEC = struct.Struct("@qq")
 
-    def __init__(self, record: Record) -> None:
-        self.record = record
+
+class HttpConnection:
+    """One keep-alive connection: parse requests as they complete, answer each one."""
+
+    def __init__(self, sock: socket.socket, record: Record,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.sock, self.record, self.loop = sock, record, loop
         self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
+        self.out = bytearray()
+        self.open = True
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stamped = False
+        if SO_TIMESTAMPNS is not None:
+            with suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                self.stamped = True
+        loop.add_reader(sock, self.readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport to write answers to."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def readable(self) -> None:
+        """Read what arrived, with the kernel's time stamp when there is one."""
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(16))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancillary = b"", []
+        if not data:
+            self.close()
+            return
+        at = time.time()
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                seconds, nanoseconds = _TIMESPEC.unpack(value[:16])
+                at = seconds + nanoseconds / 1e9
+        self.data_received(data, at)
 
-    def data_received(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` and send what the socket takes now."""
+        if not self.open:
+            return
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        del self.out[:sent]
+        if self.out:
+            self.loop.add_writer(self.sock, self.flush)
+        else:
+            self.loop.remove_writer(self.sock)
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.loop.remove_reader(self.sock)
+            self.loop.remove_writer(self.sock)
+            self.sock.close()
+
+    def data_received(self, data: bytes, at: float) -> None:
         """Answer every complete request in the buffer (pipelined ones in order)."""
         self.buffer += data
-        while self.transport is not None:
+        while self.open:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buffer) > MAX_HEAD:
-                    self.transport.close()
+                    self.close()
                 return
             head = bytes(self.buffer[:end]).decode("latin-1")
             lines = head.split("\r\n")
@@ -130,30 +189,26 @@ class HttpProtocol(asyncio.Protocol):
             method, target, _ = [*lines[0].split(" "), "", ""][:3]
             delay = 0.0 if target.startswith("/_ctl/") else self.record.delay
             close = headers.get("connection", "").lower() == "close"
-            answer = self.answer(method, target, body)
+            answer = self.answer(method, target, body, at)
             if delay > 0:  # answers keep their order: every one waits the same time
-                asyncio.get_running_loop().call_later(delay, self.write, self.transport,
-                                                      answer, close)
+                self.loop.call_later(delay, self.reply, answer, close)
             else:
-                self.write(self.transport, answer, close)
+                self.reply(answer, close)
             if close:
-                self.transport = None
+                return
 
-    @staticmethod
-    def write(transport: asyncio.Transport, answer: bytes, close: bool) -> None:
+    def reply(self, answer: bytes, close: bool) -> None:
         """Send one answer (the client may have gone meanwhile); close when asked."""
-        if transport.is_closing():
-            return
-        transport.write(answer)
+        self.write(answer)
         if close:
-            transport.close()
+            self.close()
 
-    def answer(self, method: str, target: str, body: bytes) -> bytes:
+    def answer(self, method: str, target: str, body: bytes, at: float) -> bytes:
         """The response bytes for one request: webhook posts get ``200 {}``."""
         url = urlsplit(target)
         if not url.path.startswith("/_ctl/"):
             if method == "POST":
-                self.record.add(body)
+                self.record.add(body, at)
             return OK
         payload: Any
         if url.path == "/_ctl/reset":
@@ -174,14 +229,25 @@ async def serve(port: int) -> None:
     """Serve on 127.0.0.1:``port`` (0 = any free port), print the port, run until stdin closes."""
     record = Record()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: HttpProtocol(record), "127.0.0.1", port,
-                                      backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            HttpConnection(sock, record, loop)
+
+    loop.add_reader(listener, accept)
+    print(listener.getsockname()[1], flush=True)
     # The parent holds our stdin open; when it goes (even killed), we go too.
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await reader.read()
-    server.close()
+    loop.remove_reader(listener)
+    listener.close()
 
 
 class Receiver:

@@ -678,6 +678,17 @@ def test_pause_during_a_wait_extends_it_and_a_shorter_pause_does_not_shorten_it(
     assert fake.clock() == pytest.approx(1000 + SPACING + 10)
 
 
+def test_after_a_pause_the_pace_starts_again_without_a_burst():
+    fake = FakeClock()
+    pacer = Pacer(10, fake.sleep, fake.clock)
+    admissions(pacer, fake, 3)
+    paused_at = fake.clock()
+    pacer.pause(5)
+    times = admissions(pacer, fake, 3)
+    assert times[0] == pytest.approx(paused_at + 5)
+    assert [b - a for a, b in itertools.pairwise(times)] == pytest.approx([SPACING / 10] * 2)
+
+
 def test_stop_during_a_pacing_wait_refuses_admission():
     fake = FakeClock()
     pacer = Pacer(1, fake.sleep, fake.clock)
