@@ -113,6 +113,7 @@ class HttpConnection:
         self.buffer = bytearray()
         self.out = bytearray()
         self.open = True
+        self.closing = False  # close once everything queued is sent
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.stamped = False
@@ -160,6 +161,8 @@ class HttpConnection:
             self.loop.add_writer(self.sock, self.flush)
         else:
             self.loop.remove_writer(self.sock)
+            if self.closing:
+                self.close()
 
     def close(self) -> None:
         if self.open:
@@ -199,9 +202,8 @@ class HttpConnection:
 
     def reply(self, answer: bytes, close: bool) -> None:
         """Send one answer (the client may have gone meanwhile); close when asked."""
+        self.closing = self.closing or close
         self.write(answer)
-        if close:
-            self.close()
 
     def answer(self, method: str, target: str, body: bytes, at: float) -> bytes:
         """The response bytes for one request: webhook posts get ``200 {}``."""
