@@ -314,8 +314,10 @@ class Sender:
             budget_left = self.budget.left
             verdict = give_up(verdict, "budget", budget_left)
         record = self._record(number, sent_at, round(latency * 1000, 3), answer, verdict)
-        return dataclasses.replace(record, budget_left=budget_left, redirects=hops,
-                                   redirected_to=shown), verdict
+        if budget_left is not None or hops:
+            record = dataclasses.replace(record, budget_left=budget_left, redirects=hops,
+                                         redirected_to=shown)
+        return record, verdict
 
     def _post(self, transport: httpx.BaseTransport, url: httpx.URL, content: bytes) -> Answer:
         """POST `content` to `url`: the response, read whole, or the transport's error."""
