@@ -47,7 +47,7 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
-    cpu_seconds: float = float("nan")
+    cpu_seconds: float = float("nan")  # user + system time of the command itself
 
     def tail(self, lines: int = 8) -> str:
         """The last lines of stderr (or stdout when stderr is empty), for error reports."""

@@ -239,12 +239,17 @@ def floor_figure(name: str, backend: str, users: int, floor: dict[str, Any]) -> 
                   extra={m: floor[m] for m in (*FLOOR_METHODS, "counts", "phases")})
 
 
-def raw_send(b: Bench, mode: str, bodies: list[str]) -> dict[str, Any]:
-    """One raw httpx baseline run posting ``bodies``, with the receiver's view of it."""
-    b.receiver.reset()
+def raw_send(b: Bench, mode: str, bodies: list[str], *, delay: float = 0.0) -> dict[str, Any]:
+    """One raw httpx baseline run posting ``bodies``, with the receiver's view of it.
+
+    ``cpu_seconds`` is the whole process's CPU time (start-up and reading the bodies
+    included, as the CLI's includes its own). ``delay``: the receiver's answer delay.
+    """
+    b.receiver.reset(delay=delay)
     argv = [str(PYTHON), str(BENCH / "raw_send.py"), mode, "--url", b.receiver.url, *bodies]
-    result: dict[str, Any] = json.loads(checked(
-        run_measured(argv, timeout=timeout_for(100_000)), f"raw_send {mode}").stdout)
+    measured = checked(run_measured(argv, timeout=timeout_for(100_000)), f"raw_send {mode}")
+    result: dict[str, Any] = json.loads(measured.stdout)
+    result["cpu_seconds"] = measured.cpu_seconds
     result["receiver"] = b.receiver.stats()
     log(f"    raw {mode}: {result['requests']} in {result['seconds']:.2f} s "
         f"({result['receiver']['rate']:.0f}/s at the receiver)")

@@ -22,10 +22,10 @@ def main() -> int:
     _, status, usage = os.wait4(pid, 0)
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
     with open(result, "w") as out:
-        out.write(f'{{"seconds": {seconds!r}, "maxrss_kb": {usage.ru_maxrss}, '
-                  f'"cpu_seconds": {usage.ru_utime + usage.ru_stime!r}, '
-                  f'"returncode": {code}}}')
+        out.write(f'{{"seconds": {seconds!r}, "cpu_seconds": {cpu!r}, '
+                  f'"maxrss_kb": {usage.ru_maxrss}, "returncode": {code}}}')
     return code if code >= 0 else 128 - code
 
 

@@ -4,7 +4,9 @@ Two baselines post the same JSON bodies to the same URL, nothing else: no retrie
 pacing, no database:
 
 ``sequential``: one ``httpx.Client``, one request after another on a keep-alive connection;
-``async``:      one ``httpx.AsyncClient``, ``--concurrency`` workers (default 20) sharing it.
+``async``:      one ``httpx.AsyncClient``, ``--concurrency`` workers (default 20) sharing it;
+``threads``:    ``--concurrency`` threads, each posting through its own ``httpx.Client``
+                (the baseline for a slow receiver, where one connection cannot keep up).
 
 Bodies come from a file (a JSON array of body strings, as the receiver hands back what
 the reconciler sent) or are synthesised in the Send Contact shape (SPEC §5). Prints one
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,19 +93,51 @@ async def send_concurrent(url: str, bodies: list[bytes], concurrency: int) -> Se
     return SendResult(f"async{concurrency}", len(bodies), seconds, failed)
 
 
+def send_threads(url: str, bodies: list[bytes], concurrency: int) -> SendResult:
+    """Post every body from ``concurrency`` threads, each with its own ``httpx.Client``."""
+    failed = 0
+    lock = threading.Lock()
+    queue = iter(bodies)
+
+    def worker() -> None:
+        nonlocal failed
+        with httpx.Client(timeout=TIMEOUT, headers=HEADERS) as client:
+            while True:
+                with lock:
+                    body = next(queue, None)
+                if body is None:
+                    return
+                if not client.post(url, content=body).is_success:
+                    with lock:
+                        failed += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    return SendResult(f"threads{concurrency}", len(bodies), seconds, failed)
+
+
 def main() -> None:
     """Command line: one baseline run, printed as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("sequential", "async"))
+    parser.add_argument("mode", choices=("sequential", "async", "threads"))
     parser.add_argument("--url", required=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--bodies", type=Path, help="JSON array of body strings")
     source.add_argument("--synthetic", type=int, help="this many synthetic bodies")
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--limit", type=int, help="post only the first LIMIT bodies")
     args = parser.parse_args()
     bodies = load_bodies(args.bodies) if args.bodies else synthetic_bodies(args.synthetic)
+    bodies = bodies[:args.limit] if args.limit else bodies
     if args.mode == "sequential":
         result = send_sequential(args.url, bodies)
+    elif args.mode == "threads":
+        result = send_threads(args.url, bodies, args.concurrency)
     else:
         result = asyncio.run(send_concurrent(args.url, bodies, args.concurrency))
     print(json.dumps({**asdict(result), "rate": result.rate}))

@@ -1,8 +1,11 @@
 """A fast loopback webhook receiver, run in its own process.
 
-It speaks just enough HTTP/1.1 (keep-alive, ``Content-Length`` bodies) on asyncio
-protocols to answer every ``POST`` with ``200 {}``, and records each request's arrival
-time (``time.monotonic``). Control requests under ``/_ctl/`` reset the record, return
+It speaks just enough HTTP/1.1 (keep-alive, ``Content-Length`` bodies) on an asyncio
+loop to answer every ``POST`` with ``200 {}`` (at once, or after a set delay, as a
+distant server would), and records each request's arrival time as the kernel stamped
+it (``SO_TIMESTAMPNS`` on Linux, else the time it was read): on a busy machine this
+process may wait milliseconds for a CPU, and a request stamped only when read would
+seem to arrive late. Control requests under ``/_ctl/`` reset the record, return
 statistics (count, achieved rate, the most requests in any one-second window, by arrival
 and by the bodies' ``sent_at``) and hand back the recorded bodies.
 
@@ -16,9 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
+import struct
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -39,17 +45,19 @@ class Record:
         self.reset({})
 
     def reset(self, options: dict[str, list[str]]) -> None:
-        """Forget everything; ``keep_bodies=1`` keeps bodies, ``sent_at=1`` parses them."""
+        """Forget everything; ``keep_bodies=1`` keeps bodies, ``sent_at=1`` parses them,
+        ``delay=S`` answers every webhook request S seconds after it arrived."""
         self.arrivals: list[float] = []
         self.bodies: list[bytes] = []
         self.sent_at: list[float] = []
         self.keep_bodies = options.get("keep_bodies") == ["1"]
         self.parse_sent_at = options.get("sent_at") == ["1"]
+        self.delay = float(options.get("delay", ["0"])[0])
         self.errors = 0
 
-    def add(self, body: bytes) -> None:
-        """Record one webhook request."""
-        self.arrivals.append(time.monotonic())
+    def add(self, body: bytes, at: float) -> None:
+        """Record one webhook request that arrived at ``at`` (seconds since the epoch)."""
+        self.arrivals.append(at)
         if self.keep_bodies:
             self.bodies.append(body)
         if self.parse_sent_at:
@@ -71,31 +79,106 @@ class Record:
             "sent_at_count": len(self.sent_at),
             "sent_at_rate": achieved_rate(self.sent_at),
             "sent_at_max_per_second": max_in_window(self.sent_at),
+            "transit_ms": self.transit_ms(),
             "unparsed_bodies": self.errors,
         }
 
 
-class HttpProtocol(asyncio.Protocol):
-    """One keep-alive connection: parse requests as they complete, answer each at once."""
+    def transit_ms(self) -> dict[str, float]:
+        """Milliseconds from each body's ``sent_at`` to its arrival: median, p99, max.
 
-    def __init__(self, record: Record) -> None:
-        self.record = record
+        One machine, one clock: this is what happened between the client stamping the
+        body and the kernel receiving it (mostly the client's own delay before writing).
+        ``sent_at`` is cut to the millisecond, so up to 1 ms of it is rounding.
+        """
+        if not self.sent_at or len(self.sent_at) != len(self.arrivals):
+            return {}
+        transit = sorted(a - s for a, s in zip(self.arrivals, self.sent_at, strict=True))
+        return {"p50": round(transit[len(transit) // 2] * 1000, 2),
+                "p99": round(transit[int(len(transit) * 0.99)] * 1000, 2),
+                "max": round(transit[-1] * 1000, 2)}
+
+
+# Linux: the kernel's receive time of each segment, as a struct timespec.
+SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None
+_TIMESPEC = struct.Struct("@qq")
+
+
+class HttpConnection:
+    """One keep-alive connection: parse requests as they complete, answer each one."""
+
+    def __init__(self, sock: socket.socket, record: Record,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.sock, self.record, self.loop = sock, record, loop
         self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
+        self.out = bytearray()
+        self.open = True
+        self.closing = False  # close once everything queued is sent
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stamped = False
+        if SO_TIMESTAMPNS is not None:
+            with suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                self.stamped = True
+        loop.add_reader(sock, self.readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport to write answers to."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def readable(self) -> None:
+        """Read what arrived, with the kernel's time stamp when there is one."""
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(16))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancillary = b"", []
+        if not data:
+            self.close()
+            return
+        at = time.time()
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                seconds, nanoseconds = _TIMESPEC.unpack(value[:16])
+                at = seconds + nanoseconds / 1e9
+        self.data_received(data, at)
 
-    def data_received(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` and send what the socket takes now."""
+        if not self.open:
+            return
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        del self.out[:sent]
+        if self.out:
+            self.loop.add_writer(self.sock, self.flush)
+        else:
+            self.loop.remove_writer(self.sock)
+            if self.closing:
+                self.close()
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.loop.remove_reader(self.sock)
+            self.loop.remove_writer(self.sock)
+            self.sock.close()
+
+    def data_received(self, data: bytes, at: float) -> None:
         """Answer every complete request in the buffer (pipelined ones in order)."""
         self.buffer += data
-        while self.transport is not None:
+        while self.open:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buffer) > MAX_HEAD:
-                    self.transport.close()
+                    self.close()
                 return
             head = bytes(self.buffer[:end]).decode("latin-1")
             lines = head.split("\r\n")
@@ -107,17 +190,27 @@ class HttpProtocol(asyncio.Protocol):
             body = bytes(self.buffer[end + 4:end + 4 + length])
             del self.buffer[:end + 4 + length]
             method, target, _ = [*lines[0].split(" "), "", ""][:3]
-            self.transport.write(self.answer(method, target, body))
-            if headers.get("connection", "").lower() == "close":
-                self.transport.close()
-                self.transport = None
+            delay = 0.0 if target.startswith("/_ctl/") else self.record.delay
+            close = headers.get("connection", "").lower() == "close"
+            answer = self.answer(method, target, body, at)
+            if delay > 0:  # answers keep their order: every one waits the same time
+                self.loop.call_later(delay, self.reply, answer, close)
+            else:
+                self.reply(answer, close)
+            if close:
+                return
 
-    def answer(self, method: str, target: str, body: bytes) -> bytes:
+    def reply(self, answer: bytes, close: bool) -> None:
+        """Send one answer (the client may have gone meanwhile); close when asked."""
+        self.closing = self.closing or close
+        self.write(answer)
+
+    def answer(self, method: str, target: str, body: bytes, at: float) -> bytes:
         """The response bytes for one request: webhook posts get ``200 {}``."""
         url = urlsplit(target)
         if not url.path.startswith("/_ctl/"):
             if method == "POST":
-                self.record.add(body)
+                self.record.add(body, at)
             return OK
         payload: Any
         if url.path == "/_ctl/reset":
@@ -138,14 +231,25 @@ async def serve(port: int) -> None:
     """Serve on 127.0.0.1:``port`` (0 = any free port), print the port, run until stdin closes."""
     record = Record()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: HttpProtocol(record), "127.0.0.1", port,
-                                      backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            HttpConnection(sock, record, loop)
+
+    loop.add_reader(listener, accept)
+    print(listener.getsockname()[1], flush=True)
     # The parent holds our stdin open; when it goes (even killed), we go too.
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await reader.read()
-    server.close()
+    loop.remove_reader(listener)
+    listener.close()
 
 
 class Receiver:
@@ -164,9 +268,12 @@ class Receiver:
         with urlopen(Request(self.base + path), timeout=120) as response:
             return json.loads(response.read())
 
-    def reset(self, *, keep_bodies: bool = False, sent_at: bool = False) -> None:
-        """Forget what arrived; optionally keep bodies or parse their ``sent_at``."""
-        self._control(f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}")
+    def reset(self, *, keep_bodies: bool = False, sent_at: bool = False,
+              delay: float = 0.0) -> None:
+        """Forget what arrived; optionally keep bodies, parse their ``sent_at``, or answer
+        each webhook request ``delay`` seconds after it arrived."""
+        self._control(f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}"
+                      f"&delay={delay!r}")
 
     def stats(self) -> dict[str, Any]:
         """Statistics of what arrived since the last reset (see ``Record.stats``)."""

@@ -11,13 +11,15 @@ left in flight, and the mark is cleared only in `acknowledge`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
 from .schema import deliveries, sync_runs, uncertain_keys, updates
+
+if TYPE_CHECKING:  # the delivery layer defines it; importing it here would load httpx
+    from .retry import AttemptRecord
 
 LIVE = ("pending", "rejected")
 
@@ -142,21 +144,6 @@ def mark_left_in_flight(state: Connection, now: datetime) -> int:
     for start in range(0, len(handed_over), 1000):
         mark_uncertain(state, handed_over[start:start + 1000], now)
     return len(handed_over)
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One HTTP attempt, as it goes into `deliveries`."""
-
-    attempt: int
-    sent_at: datetime
-    latency_ms: float | None
-    status_code: int | None
-    outcome: str  # acknowledged | retry | rejected | error
-    error: str | None
-    # False only when the request certainly did no work at the destination: it was
-    # never connected, or was refused before processing (408, 423, 429, 503, 4xx).
-    maybe_delivered: bool = True
 
 
 def record_deliveries(state: Connection, run_id: int,

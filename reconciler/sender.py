@@ -1,63 +1,77 @@
 """Delivering planned bodies to the webhook (SPEC §5 "Responses").
 
-One long-lived `httpx.Client` shared by `max_concurrency` threads (measured faster
-than `AsyncClient` on loopback; see bench/), paced by one shared `Pacer`.
+Worker threads, at most `max_concurrency`, send the jobs the caller's thread hands
+them through a queue and hand back each `Delivery` through another; `deliver` yields
+them as they complete. How many work at once adapts to what helps (concurrency.py:
+one or two on loopback, up to `max_concurrency` when answers are slow); one shared
+`Pacer` spaces every request. What each answer means, and how long to wait before
+trying again, is the `RetryPolicy`'s (retry.py); this module sends, waits, records:
 
-    2xx                                   acknowledged
-    408, 423, 429, 5xx except 501,        retried with exponential backoff and full
-    transport errors (connect, reset,     jitter, or after Retry-After (seconds or HTTP
-    timeouts, protocol errors, dropped    date, at most 5 minutes) when given, up to
-    connections)                          `max_attempts`; past those, or past the run's
-                                          retry budget, the update stays pending
-    anything else                         rejected: status and first 500 characters
+- every attempt becomes an `AttemptRecord` carrying the policy's verdict as data;
+- a wait is taken from the run's retry budget (`RetryBudget`, shared by every thread,
+  so a run always ends); a wait that does not fit is not taken and the update stays
+  pending for the next run, like one that ran out of attempts;
+- a 429 or a Retry-After pauses every thread for the same wait (`Pacer.pause`);
+- a stop (daemon shutdown, lost lock, the caller abandoning `deliver`) ends every wait
+  at once and starts no new request.
 
-The retry budget (`retry_budget_seconds`) is the total of every retry wait in one
-run, summed over all updates and shared by all threads, so a run always ends: a wait
-that does not fit in what is left is not taken and the update stays pending for the
-next run. A 429 or a Retry-After pauses every thread for the same wait (`Pacer.pause`).
+Requests go straight to an httpx transport (one connection pool per worker, sharing
+one TLS context), not through `httpx.Client`: the client's per-request work (merging
+defaults, cookies, its redirect and auth machinery, none of which a webhook needs)
+cost a third of the CPU of a request on loopback (bench/README.md). Redirects are
+ours anyway (SPEC §5), and the transport is where httpx's timeouts, TLS verification
+(`SSL_CERT_FILE` included) and connect retries live.
 
-Retries use tenacity rather than stamina because tenacity's sleep is injectable: a
-stop (daemon shutdown, lost lock) interrupts a backoff wait at once. Nothing here
-touches the database: `deliver` yields `Delivery` results and the run records them,
-each attempt with its status, latency and error (including the retry decision and
-any Retry-After it honoured).
+The retry loop is ours rather than tenacity's or stamina's: giving up for the budget
+or a stop is decided between attempts from state shared by all threads, which those
+libraries can only express by raising from their wait or sleep callbacks, and the
+wait must end on any of several events. Nothing here touches the database.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import functools
+import importlib.metadata
+import queue
+import random
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 import httpx
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
+from .concurrency import Concurrency, Gate, Handoff
 from .config import Destination
 from .contact import with_sent_at
-from .ledger import AttemptRecord
 from .pacing import Clock, Pacer, Sleep
 from .redact import Redactor
+from .retry import (
+    Acknowledged,
+    Answer,
+    AttemptRecord,
+    Decision,
+    Follow,
+    GiveUp,
+    Outcome,
+    Rejected,
+    Retry,
+    RetryBudget,
+    RetryPolicy,
+    Verdict,
+    give_up,
+)
 
-RETRY_STATUSES = frozenset({408, 423, 429} | {s for s in range(500, 600) if s != 501})
-# Retryable answers that say the request was turned away before any work was done.
-NOT_PROCESSED = frozenset({408, 423, 429, 503})
-MAX_RETRY_AFTER = 300.0
 ERROR_EXCERPT = 500
+RETRY_AFTER_EXCERPT = 40
 # Python cannot wait on two events at once; the second is checked this often.
 STOP_POLL = 0.1
-_DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
+# Jobs handed to the workers and not yet yielded back: enough that the workers keep
+# going while the caller records a batch, little enough that a stop leaves few behind.
+QUEUE_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -74,56 +88,13 @@ class Delivery:
     job: Job
     result: str = "pending"
     attempts: list[AttemptRecord] = field(default_factory=list)
-    # The last attempt's error before a retry decision was prefixed to it.
-    detail: str = field(default="", repr=False)
-
-    def decide(self, decision: str) -> None:
-        """Prefix the last attempt's error with what was decided after it."""
-        last = self.attempts[-1]
-        error = f"{decision}; {self.detail}" if self.detail else decision
-        self.attempts[-1] = dataclasses.replace(last, error=error)
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or HTTP date), 0 to 300.
+class _Failed:
+    """A worker's unexpected exception, carried to the caller's thread to be raised."""
 
-    None when the header is absent or unreadable (the usual backoff applies then).
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if _DELAY_SECONDS.fullmatch(value):
-        seconds = float(value)
-    else:
-        try:
-            moment = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
-class RetryBudget:
-    """Seconds of retry waiting this run may still spend, shared by every thread."""
-
-    def __init__(self, seconds: float) -> None:
-        self._left = seconds
-        self._lock = threading.Lock()
-
-    def take(self, seconds: float) -> bool:
-        """Spend `seconds` if that much is left; False (and nothing spent) otherwise."""
-        with self._lock:
-            if seconds > self._left:
-                return False
-            self._left -= seconds
-            return True
-
-    @property
-    def left(self) -> float:
-        with self._lock:
-            return self._left
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class Sender:
@@ -131,32 +102,47 @@ class Sender:
 
     `stops`: events that end the sending (any one set is enough): no new request
     starts, waits end at once, requests in flight finish.
+    `transport`: used by every worker instead of their own (tests inject one).
     `clock` and `sleep` drive the pacer and retry waits; tests inject both.
+    `policy` defaults to the destination's (`RetryPolicy.from_destination`) with
+    `backoff_initial` and `backoff_max`.
     """
 
     def __init__(self, destination: Destination, *, stops: Sequence[threading.Event] = (),
                  transport: httpx.BaseTransport | None = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
-                 clock: Clock = time.monotonic, sleep: Sleep | None = None) -> None:
+                 clock: Clock = time.monotonic, sleep: Sleep | None = None,
+                 policy: RetryPolicy | None = None) -> None:
         self.destination = destination
+        self.policy = policy or RetryPolicy.from_destination(
+            destination, backoff_initial=backoff_initial, backoff_max=backoff_max)
         # Set when the caller abandons `deliver`: workers stop waiting and retrying.
         self._abandoned = threading.Event()
         self.stops = (*stops, self._abandoned)
         self.sleep = sleep or self._sleep_unless_stopped
         self.pacer = Pacer(destination.requests_per_second, self.sleep, clock)
-        self.budget = RetryBudget(destination.retry_budget_seconds)
-        self.backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
+        self.budget = RetryBudget(self.policy.budget_seconds)
         self.redact = Redactor(webhook_url=destination.webhook_url)
-        limits = httpx.Limits(max_connections=destination.max_concurrency,
-                              max_keepalive_connections=destination.max_concurrency)
-        # The transport retries failed connects once; every other retry is ours.
-        self.client = httpx.Client(
-            timeout=httpx.Timeout(destination.timeout_seconds), limits=limits,
-            headers={"Content-Type": "application/json"},
-            transport=transport or httpx.HTTPTransport(retries=1, limits=limits))
+        self.concurrency = Concurrency(destination.max_concurrency,
+                                       destination.requests_per_second)
+        self._gate = Gate(self.concurrency.limit)
+        self._transport = transport
+        # The one place the webhook URL itself is used: as the requests' target (parsed
+        # once: parsing it for every request cost 8 % of a request's CPU on loopback).
+        self._webhook = httpx.URL(destination.webhook_url.reveal())
+        self._tls: ssl.SSLContext | None = None
+        self._headers = httpx.Headers({"Content-Type": "application/json",
+                                       "User-Agent": user_agent()})
+        self._extensions = {"timeout": httpx.Timeout(destination.timeout_seconds).as_dict()}
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._results: Handoff[Delivery | _Failed] = Handoff(self._jobs.empty)
+        self._workers: list[threading.Thread] = []
+        self._spawning = threading.Lock()
+        self._hiring = False  # workers may be started (only while `deliver` runs)
 
     def close(self) -> None:
-        self.client.close()
+        if self._transport is not None:
+            self._transport.close()
 
     def __enter__(self) -> Sender:
         return self
@@ -172,108 +158,210 @@ class Sender:
 
         After a stop no request starts: queued jobs come back pending without attempts,
         and jobs not yet taken from `jobs` are not yielded (they stay pending). If the
-        caller abandons the iteration, queued jobs are cancelled and retry waits end,
-        so nothing is sent that the caller will not see.
+        caller abandons the iteration, queued jobs are dropped and retry waits end, so
+        nothing is sent that the caller will not see. An unexpected error in a worker
+        is raised here.
         """
-        concurrency = self.destination.max_concurrency
-        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="send")
-        inflight: set[Future[Delivery]] = set()
+        depth = max(QUEUE_DEPTH, 2 * self.destination.max_concurrency)
+        outstanding = 0
         finished = False
+        with self._spawning:
+            self._hiring = True
+        self._spawn()
         try:
             for job in jobs:
                 if self.stopping():
                     break
-                # A short queue: a stop leaves little behind, memory stays flat.
-                while len(inflight) >= 2 * concurrency:
-                    done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                    yield from (future.result() for future in done)
-                inflight.add(pool.submit(self._deliver_one, job))
-            while inflight:
-                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                yield from (future.result() for future in done)
+                while outstanding >= depth:
+                    for delivery in self._collect():
+                        outstanding -= 1
+                        yield delivery
+                self._jobs.put(job)
+                outstanding += 1
+            while outstanding:
+                for delivery in self._collect():
+                    outstanding -= 1
+                    yield delivery
             finished = True
         finally:
             if not finished:
                 self._abandoned.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+                self._drop_queued()
+            self._stop_workers()
 
-    def _deliver_one(self, job: Job) -> Delivery:
-        delivery = Delivery(job)
-        retrying = Retrying(
-            retry=retry_if_exception_type(_Retryable),
-            stop=stop_after_attempt(self.destination.max_attempts),
-            wait=lambda state: self._wait(delivery, state),
-            sleep=self._retry_sleep,
-            reraise=True,
-        )
+    def _collect(self) -> list[Delivery]:
+        """Wait for results; raise a worker's unexpected error."""
+        found = self._results.take()
+        for item in found:
+            if isinstance(item, _Failed):
+                raise item.error
+        return [item for item in found if isinstance(item, Delivery)]
+
+    def _drop_queued(self) -> None:
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                return
+
+    def _spawn(self) -> None:
+        """Start workers until there are as many as can be busy (at most the ceiling)."""
+        with self._spawning:
+            wanted = min(self.destination.max_concurrency, self._gate.wanted)
+            while self._hiring and len(self._workers) < wanted:
+                worker = threading.Thread(target=self._work, daemon=True,
+                                          name=f"send-{len(self._workers)}")
+                self._workers.append(worker)
+                worker.start()
+
+    def _stop_workers(self) -> None:
+        with self._spawning:
+            self._hiring = False
+            workers, self._workers = self._workers, []
+            for _ in workers:
+                self._jobs.put(None)
+        for worker in workers:
+            worker.join()
+
+    def _work(self) -> None:
+        """A worker: jobs from the queue, inside the gate, with its own connection pool."""
+        transport = self._transport or self._own_transport()
+        self._gate.enter()
         try:
-            for attempt in retrying:
-                with attempt:
-                    self._attempt(delivery)
-        except _Retryable:
-            delivery.decide(f"not retried: max_attempts ({self.destination.max_attempts}) "
-                            "reached; stays pending")
-        except _GiveUp as give_up:
-            if delivery.attempts:
-                delivery.decide(f"not retried: {give_up}; stays pending")
+            while (job := self._jobs.get()) is not None:
+                try:
+                    self._results.put(self._deliver_one(job, transport))
+                except BaseException as exc:  # a bug: the caller raises it
+                    self._results.put(_Failed(exc), urgent=True)
+                if self._gate.crowded():  # the limit went down: let another have the turn
+                    self._gate.leave()
+                    self._gate.enter()
+        finally:
+            self._gate.leave()
+            if transport is not self._transport:
+                transport.close()
+
+    def _own_transport(self) -> httpx.BaseTransport:
+        with self._spawning:
+            if self._tls is None:  # loading the CA bundle costs ~20 ms: once per run
+                self._tls = httpx.create_ssl_context(verify=True, trust_env=True)
+        # One request at a time per worker; a redirect elsewhere replaces the idle one.
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        # The transport retries failed connects once; every other retry is ours.
+        return httpx.HTTPTransport(verify=self._tls, limits=limits, retries=1)
+
+    def _deliver_one(self, job: Job, transport: httpx.BaseTransport) -> Delivery:
+        """Attempt `job` until the policy settles it or says to leave it pending."""
+        delivery = Delivery(job)
+        while not self.stopping() and self.pacer.wait():
+            record, verdict = self._attempt(job, len(delivery.attempts) + 1, transport)
+            delivery.attempts.append(record)
+            if isinstance(verdict, Acknowledged):
+                delivery.result = "acknowledged"
+                return delivery
+            if isinstance(verdict, Rejected):
+                delivery.result = "rejected"
+                return delivery
+            if isinstance(verdict, GiveUp):
+                return delivery
+            if verdict.pause_everyone:
+                self.pacer.pause(verdict.delay)  # the destination asked everyone to slow down
+            if self._wait(verdict.delay):
+                break
+        if delivery.attempts and delivery.attempts[-1].decision == "retry":
+            # The retry that was decided will not happen: say so on the last attempt.
+            delivery.attempts[-1] = dataclasses.replace(delivery.attempts[-1],
+                                                        decision="stopping")
         return delivery
 
-    def _attempt(self, delivery: Delivery) -> None:
-        """One POST; raises _Retryable when the response or error is worth retrying."""
-        if self.stopping() or not self.pacer.wait():
-            raise _GiveUp("the run is stopping")
-        sent_at = datetime.now(UTC)
-        started = time.perf_counter()
-        number = len(delivery.attempts) + 1
+    def _wait(self, seconds: float) -> bool:
+        """A retry wait, out of the gate so that another worker can send meanwhile."""
+        self._gate.step_out()
         try:
-            response = self.client.post(self.destination.webhook_url.reveal(),
-                                        content=with_sent_at(delivery.job.body, sent_at))
+            self._spawn()
+            return self.sleep(seconds)
+        finally:
+            self._gate.step_in()
+
+    def _attempt(self, job: Job, number: int, transport: httpx.BaseTransport
+                 ) -> tuple[AttemptRecord, Verdict]:
+        """One POST (and the redirects it is sent on), judged by the policy.
+
+        A retry's wait is already taken from the budget; one that does not fit comes
+        back as a `GiveUp`. Each redirect hop waits for its own pacing slot.
+        """
+        sent_at = datetime.now(UTC)
+        content = with_sent_at(job.body, sent_at)
+        url, hops, shown, latency = self._webhook, 0, None, 0.0
+        while True:
+            started = time.perf_counter()
+            answer = self._post(transport, url, content)
+            took = time.perf_counter() - started
+            latency += took
+            if (limit := self.concurrency.observe(took)) is not None:
+                self._gate.resize(limit)
+                self._spawn()
+            verdict = self.policy.classify(answer, number, now=datetime.now(UTC),
+                                           jitter=random.random(), hops=hops)
+            if not isinstance(verdict, Follow):
+                break
+            url, shown, hops = httpx.URL(verdict.url), verdict.shown, hops + 1
+            if self.stopping() or not self.pacer.wait():
+                verdict = GiveUp("stopping", maybe_delivered=False)  # a redirect did nothing
+                break
+        budget_left = None
+        if isinstance(verdict, Retry) and not self.budget.take(verdict.delay):
+            budget_left = self.budget.left
+            verdict = give_up(verdict, "budget", budget_left)
+        record = self._record(number, sent_at, round(latency * 1000, 3), answer, verdict)
+        if budget_left is not None or hops:
+            record = dataclasses.replace(record, budget_left=budget_left, redirects=hops,
+                                         redirected_to=shown)
+        return record, verdict
+
+    def _post(self, transport: httpx.BaseTransport, url: httpx.URL, content: bytes) -> Answer:
+        """POST `content` to `url`: the response, read whole, or the transport's error."""
+        request = httpx.Request("POST", url, headers=self._headers, content=content,
+                                extensions=self._extensions)
+        try:
+            response = transport.handle_request(request)
+            try:
+                response.read()
+            finally:
+                response.close()
         except httpx.RequestError as exc:
-            # The request may or may not have reached the destination: retrying with the
-            # same message id is safe either way.
-            delivery.detail = self._excerpt(f"{type(exc).__name__}: {exc}")
-            never_connected = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-            delivery.attempts.append(AttemptRecord(
-                number, sent_at, _ms(started), None, "error", delivery.detail,
-                maybe_delivered=not never_connected))
-            raise _Retryable(None, None) from None
-        latency = _ms(started)
-        status = response.status_code
-        if 200 <= status < 300:
-            delivery.attempts.append(AttemptRecord(number, sent_at, latency, status,
-                                                   "acknowledged", None))
-            delivery.result = "acknowledged"
-            return
-        excerpt = self._excerpt(response.text)
-        if status in RETRY_STATUSES:
-            header = response.headers.get("Retry-After")
-            parts = [f"Retry-After: {header[:40]}" if header is not None else "",
-                     f"response: {excerpt}" if excerpt else ""]
-            delivery.detail = "; ".join(p for p in parts if p)
-            delivery.attempts.append(AttemptRecord(
-                number, sent_at, latency, status, "retry", delivery.detail or None,
-                maybe_delivered=status not in NOT_PROCESSED))
-            raise _Retryable(retry_after_seconds(header), status)
-        delivery.attempts.append(AttemptRecord(number, sent_at, latency, status, "rejected",
-                                               excerpt, maybe_delivered=False))
-        delivery.result = "rejected"
+            return exc
+        response.request = request
+        return response
 
-    def _wait(self, delivery: Delivery, state: RetryCallState) -> float:
-        """The wait before the next attempt, taken from the run's retry budget."""
-        exc = state.outcome.exception() if state.outcome else None
-        assert isinstance(exc, _Retryable)
-        delay = exc.retry_after if exc.retry_after is not None else float(self.backoff(state))
-        if not self.budget.take(delay):
-            raise _GiveUp(f"a {delay:.2f} s wait exceeds the run's retry budget "
-                          f"({self.budget.left:.2f} s left)")
-        if exc.status == 429 or exc.retry_after is not None:
-            self.pacer.pause(delay)  # the destination asked everyone to slow down
-        delivery.decide(f"retry in {delay:.2f} s")
-        return delay
-
-    def _retry_sleep(self, seconds: float) -> None:
-        if self.sleep(seconds):
-            raise _GiveUp("the run is stopping")
+    def _record(self, number: int, sent_at: datetime, latency: float,
+                answer: httpx.Response | httpx.RequestError, verdict: Verdict
+                ) -> AttemptRecord:
+        """The attempt as data: what came back, and the verdict on it."""
+        status: int | None = None
+        retry_after: str | None = None
+        reason: str | None = None
+        if isinstance(answer, httpx.RequestError):
+            detail: str | None = self._excerpt(f"{type(answer).__name__}: {answer}")
+        else:
+            status, header = answer.status_code, answer.headers.get("Retry-After")
+            if header is not None:
+                retry_after = header[:RETRY_AFTER_EXCERPT]
+            detail = None if isinstance(verdict, Acknowledged) else self._excerpt(answer.text)
+        outcome: Outcome = "error" if status is None else "retry"
+        decision: Decision | None = None
+        retry_in: float | None = None
+        if isinstance(verdict, Acknowledged):
+            outcome = "acknowledged"
+        elif isinstance(verdict, Rejected):
+            outcome, reason = "rejected", verdict.reason
+        elif isinstance(verdict, Retry):
+            decision, retry_in = "retry", verdict.delay
+        else:
+            decision, retry_in = verdict.reason, verdict.wanted
+        return AttemptRecord(number, sent_at, latency, status, outcome, detail or None,
+                             verdict.maybe_delivered, decision, retry_in,
+                             retry_after=retry_after, reason=reason)
 
     def _sleep_unless_stopped(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True as soon as any stop event is set."""
@@ -292,16 +380,10 @@ class Sender:
         return self.redact(text[:room])[:ERROR_EXCERPT]
 
 
-class _Retryable(Exception):
-    """This attempt failed in a way worth retrying."""
-
-    def __init__(self, retry_after: float | None, status: int | None) -> None:
-        self.retry_after, self.status = retry_after, status
-
-
-class _GiveUp(Exception):
-    """No more attempts this run (stopping, or out of retry budget): stays pending."""
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
+@functools.cache
+def user_agent() -> str:
+    """`reconciler/<version>`, the User-Agent of every request (SPEC §5)."""
+    try:
+        return f"reconciler/{importlib.metadata.version('reconciler')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, uninstalled
+        return "reconciler/unknown"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+HOLD_LIMIT = 60.0
+
 
 @dataclass
 class Reply:
@@ -35,6 +37,9 @@ class Reply:
     @property
     def applies(self) -> bool:
         return self.apply if self.apply is not None else 200 <= self.status < 300
+    # Answer only once this event is set (at most HOLD_LIMIT seconds): orders requests
+    # across threads without guessing how long anything takes.
+    hold: threading.Event | None = None
 
 
 @dataclass
@@ -84,6 +89,8 @@ class Receiver:
                             {item["key"]: item["value"] for item in body.get("custom", [])})
                 if reply.then is not None:
                     reply.then()
+                if reply.hold is not None:
+                    reply.hold.wait(HOLD_LIMIT)
                 if reply.delay:
                     time.sleep(reply.delay)
                 try:

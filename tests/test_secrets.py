@@ -102,7 +102,7 @@ def test_webhook_token_appears_in_no_output_log_or_database(setup: Setup, engine
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
     everything = "\n".join(outputs) + log.getvalue()
-    assert "HTTP Request: POST" in log.getvalue(), "httpx's request lines were logged"
+    assert "send_request_headers" in log.getvalue(), "httpcore's request lines were logged"
     assert leaks(everything, setup.receiver.url) == []
     assert leaks(stored, setup.receiver.url) == []
     with engine.connect() as conn:
