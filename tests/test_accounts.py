@@ -14,8 +14,8 @@ from sqlalchemy import Engine, select
 from reconciler.schema import ack_versions, acked, changes, sync_runs, updates
 
 from .conftest import Setup, Warehouse
+from .helpers import cli
 from .receiver import Reply
-from .test_config import cli
 
 EA = "enterprise_accounts"
 SEATS = "seats"

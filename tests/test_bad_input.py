@@ -61,7 +61,7 @@ def extra_entry(section: str, name: str, query: str) -> str:
 @dataclass
 class Case:
     id: str
-    change: Callable[[Warehouse], None]
+    change: Callable[[Warehouse], object]
     sent: dict[str, dict[str, Any]]       # what goes on the wire, by user
     status: int = 0                       # exit status of `reconciler sync`
     message: list[str] = field(default_factory=list)  # in the output

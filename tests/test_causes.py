@@ -17,9 +17,9 @@ from reconciler.schema import sync_runs
 from reconciler.views import error_cell
 
 from .conftest import Setup
-from .processes import PATIENCE, RECONCILER, clean_env, free_port
+from .helpers import clean_env, cli
+from .processes import PATIENCE, RECONCILER, free_port
 from .receiver import Reply
-from .test_config import cli
 
 USERS = [f"u{n:02d}" for n in range(12)]
 ONE_ATTEMPT = "max_attempts = 1"

@@ -14,9 +14,9 @@ from sqlalchemy import func, select
 from reconciler.schema import sync_runs, updates
 
 from .conftest import PG_ADMIN, Setup
+from .helpers import cli
 from .processes import free_port
 from .receiver import Reply
-from .test_config import cli
 
 NAMES = ["config", "state database", "source database",
          'audience "Order Completed Last 30 Days"', 'audience "High Value Users"',
@@ -175,7 +175,7 @@ def test_the_first_check_says_where_it_created_the_state_database(tmp_path, ware
 
 
 def test_rows_without_a_user_id_are_counted_as_ignored(filled: Setup):
-    filled.warehouse.members("High Value Users", None, "", "u1")
+    filled.warehouse.members("High Value Users", None, "", "u1")  # type: ignore[arg-type]
     found = lines(check(filled.write()))
     assert found['audience "High Value Users"'].startswith(
         "ok (1 sample row and 2 without a user_id (ignored)")

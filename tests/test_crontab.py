@@ -12,7 +12,8 @@ SATURDAY = datetime(2026, 11, 28, 12, 30, tzinfo=UTC)
 
 
 def next_fire(expression: str, after: datetime = SATURDAY) -> datetime:
-    return cron_trigger(expression, UTC).get_next_fire_time(None, after)
+    moment: datetime = cron_trigger(expression, UTC).get_next_fire_time(None, after)
+    return moment
 
 
 @pytest.mark.parametrize("expression, expected", [

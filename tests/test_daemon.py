@@ -82,7 +82,8 @@ def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(
     (line,) = daemon_log(caplog)
     assert line.getMessage().startswith(f"run {result.run_id} succeeded in ")
     assert "3 users seen, 3 changed (entered 3" in line.getMessage()
-    assert line.fields["sent"] == 3 and line.fields["trigger"] == "schedule"
+    fields = line.fields  # type: ignore[attr-defined]  # set by the log call's extra
+    assert fields["sent"] == 3 and fields["trigger"] == "schedule"
     assert [r.trigger for r in all_runs(engine)] == ["schedule"]
     sample = metrics.registry.get_sample_value
     assert sample("reconciler_runs_total", {"status": "succeeded"}) == 1
@@ -114,7 +115,8 @@ def test_failed_run_is_recorded_and_the_next_tick_runs(people, engine_of, caplog
     (line,) = daemon_log(caplog)
     assert line.levelno == logging.ERROR and "source database" in line.getMessage()
     assert [r.status for r in all_runs(engine)] == ["failed"]
-    assert run_once(people.config(), engine, options, metrics).status == "succeeded"
+    again = run_once(people.config(), engine, options, metrics)
+    assert again is not None and again.status == "succeeded"
     assert metrics.registry.get_sample_value("reconciler_runs_total", {"status": "failed"}) == 1
 
 

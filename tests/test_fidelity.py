@@ -18,7 +18,7 @@ from reconciler.schema import acked
 from reconciler.source import Unrepresentable, number_text, profile_fields, user_id_text
 
 from .conftest import Setup
-from .test_config import cli
+from .helpers import cli
 
 HV = "high_value_users"
 PROFILE = "SELECT user_id, email, linked_in, phone, first_name, company_id FROM people"

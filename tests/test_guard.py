@@ -23,8 +23,8 @@ from reconciler.run import Seams
 from reconciler.schema import acked, sync_runs, updates
 
 from .conftest import Setup
+from .helpers import assert_one_clean_line
 from .receiver import Reply
-from .test_config import assert_one_clean_line
 
 HV = "high_value_users"
 OC = "order_completed_last_30_days"
@@ -87,7 +87,7 @@ def synced(setup: Setup, engine_of) -> Setup:
     setup.warehouse.members("High Value Users", *HV_USERS)
     setup.warehouse.members("Order Completed Last 30 Days", *OC_USERS)
     setup.write(extra=SAFETY)
-    setup.engine = engine_of(setup)  # type: ignore[attr-defined]
+    setup.engine = engine_of(setup)  # type: ignore[method-assign]
     first = cli(setup, "sync")
     assert first.exit_code == 0, first.output
     setup.receiver.clear()
@@ -245,7 +245,7 @@ def test_accepted_exits_left_pending_are_not_held_again(synced, trait_changes):
         synced.warehouse.trait("Lifetime Value", dict.fromkeys(HV_USERS[2:], 7))
     result = cli(synced, "sync")
     assert result.exit_code == 0, result.output
-    expected = {(u, HV, False) for u in HV_USERS[2:]}
+    expected: set[tuple[str, str, object]] = {(u, HV, False) for u in HV_USERS[2:]}
     if trait_changes:
         expected |= {(u, LTV, 7) for u in HV_USERS[2:]}
     assert sent_pairs(synced) == expected

@@ -42,7 +42,8 @@ def test_more_names(name, key):
     assert derive_key(name) == key
 
 
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)),  # type: ignore[arg-type]
+                max_size=60)
 
 
 @settings(max_examples=300)

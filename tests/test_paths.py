@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import Setup, Warehouse
+from .helpers import cli
 from .receiver import Receiver
-from .test_config import cli
 
 
 def relative_setup(tmp_path: Path, receiver: Receiver, state: str = "sqlite:///state.db"

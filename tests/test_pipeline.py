@@ -293,6 +293,7 @@ def test_trait_with_two_values_for_one_user_fails_that_entry_only(people, engine
     people.warehouse.execute("INSERT INTO traits VALUES ('Lifetime Value', 'u1', 7)")
     result = run(people, engine_of(people))
     assert result.status == "partial" and result.exit_status == 1
+    assert result.error is not None
     assert 'trait "Lifetime Value"' in result.error and '"u1"' in result.error
     assert all(LTV not in custom(b) for b in people.receiver.bodies())
     assert {b["user_id"] for b in people.receiver.bodies()} == {"u1", "u2"}

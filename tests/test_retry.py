@@ -25,6 +25,7 @@ from reconciler.retry import (
     RetryPolicy,
     give_up,
 )
+from reconciler.secret import Secret
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=6, budget_seconds=300, backoff_initial=1.0,
@@ -194,7 +195,7 @@ def test_giving_up_a_retry_keeps_what_it_knew():
 
 
 def test_policy_is_built_from_the_destination_and_frozen():
-    destination = Destination("https://hooks.example.com/x", max_attempts=3,
+    destination = Destination(Secret("https://hooks.example.com/x"), max_attempts=3,
                               retry_budget_seconds=42)
     policy = RetryPolicy.from_destination(destination, backoff_initial=0.01)
     assert (policy.max_attempts, policy.budget_seconds, policy.backoff_initial,

@@ -509,7 +509,7 @@ def test_abandoned_delivery_interrupts_waits_and_starts_nothing_new(receiver):
             first.append(next(results))
             wait_until(lambda: sender.pacer.paused_until > float("-inf"),
                        "u2's 503 to start a retry wait")
-            results.close()
+            results.close()  # type: ignore[attr-defined]  # a generator
     worker = threading.Thread(target=run)
     worker.start()
     worker.join(timeout=60)

@@ -28,7 +28,8 @@ from reconciler.cli import main
 from reconciler.schema import sync_runs
 
 from .conftest import Setup
-from .processes import PATIENCE, RECONCILER, clean_env, wait_for
+from .helpers import clean_env
+from .processes import PATIENCE, RECONCILER, wait_for
 
 FIRST, SECOND = "Order Completed Last 30 Days", "High Value Users"
 LOCK_KEY = 815_001

@@ -31,7 +31,8 @@ from sqlalchemy import Engine, func, select
 from reconciler.schema import sync_runs, uncertain_keys, updates
 
 from .conftest import Setup
-from .processes import PATIENCE, RECONCILER, clean_env
+from .helpers import clean_env
+from .processes import PATIENCE, RECONCILER
 from .receiver import Received, Reply
 
 A, B, LTV = "audience_a", "audience_b", "lifetime_value"

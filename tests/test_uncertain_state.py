@@ -20,13 +20,13 @@ from reconciler.config import Entry
 from reconciler.db import alembic_config, migrate, migration_connection, state_engine
 from reconciler.diff import fill_diff, fill_run_keys
 from reconciler.ledger import (
-    AttemptRecord,
     acknowledge,
     mark_left_in_flight,
     record_deliveries,
     start_run,
 )
 from reconciler.retention import prune
+from reconciler.retry import AttemptRecord
 from reconciler.schema import acked, changes, sync_runs, uncertain_keys, updates
 from reconciler.snapshot import create_temp_tables
 
@@ -69,6 +69,7 @@ class Seed:
             message_id=f"m{number + 1}", user_id=user, version=0, run_id=run_id,
             observed_at=T0, status=status, body="{}", attempts=0,
             in_flight_since=T0 if in_flight else None, maybe_delivered=maybe))
+        assert result.inserted_primary_key is not None
         update_id = int(result.inserted_primary_key[0])
         for key, value in values.items():
             self.conn.execute(insert(changes).values(
@@ -106,7 +107,8 @@ def diff(conn: Connection, snap: list[tuple[str, str, str]], *, keys: tuple[str,
 
 
 # (acked, uncertain keys, snapshot rows, expected diff rows (key, new, old)) for user u1
-CASES = {
+Case = tuple[dict[str, str], list[str], dict[str, str], list[tuple[str, str, str | None]]]
+CASES: dict[str, Case] = {
     "trait back at the acknowledged value": (
         {LTV: "100"}, [LTV], {LTV: "100"}, [(LTV, "100", "100")]),
     "trait at the acknowledged value, certain": ({LTV: "100"}, [], {LTV: "100"}, []),
@@ -210,7 +212,8 @@ def test_a_rejected_update_of_the_uncertain_keys_current_value_keeps_blocking(en
 # --- the ledger ---------------------------------------------------------------------------
 
 def attempt(status: int | None, outcome: str, maybe: bool) -> AttemptRecord:
-    return AttemptRecord(1, T0, 1.0, status, outcome, None, maybe_delivered=maybe)
+    return AttemptRecord(1, T0, 1.0, status, outcome,  # type: ignore[arg-type]
+                         None, maybe_delivered=maybe)
 
 
 TIMEOUT = attempt(None, "error", True)
