@@ -29,6 +29,7 @@ from collections.abc import Collection
 
 from sqlalchemy import Connection
 
+from .backend import Backend
 from .config import Entry
 from .schema import ENTITIES
 from .source import FALSE, TRUE
@@ -42,8 +43,8 @@ def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str
     `fields` are the (entity, key) of the record fields diffed (fields.py). A failed
     key is failed for both entities: entry keys are unique across them.
     """
-    prefix = "temp." if state.dialect.name == "sqlite" else ""
-    state.exec_driver_sql(f"DROP TABLE IF EXISTS {prefix}run_keys")
+    db = Backend(state)
+    state.exec_driver_sql(f"DROP TABLE IF EXISTS {db.temp('run_keys')}")
     state.exec_driver_sql("CREATE TEMP TABLE run_keys (key TEXT NOT NULL, kind TEXT NOT NULL,"
                           " forced INTEGER NOT NULL, failed INTEGER NOT NULL,"
                           " entity TEXT NOT NULL DEFAULT 'contact', PRIMARY KEY (entity, key))")
@@ -52,23 +53,32 @@ def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str
     rows += [(key, "field", int(key in resync_keys), 0, entity) for entity, key in fields]
     rows += [(key, "", 0, 1, entity) for key in failed for entity in ENTITIES]
     if rows:
-        mark = "?" if state.dialect.name == "sqlite" else "%s"
-        state.exec_driver_sql(f"INSERT INTO run_keys VALUES ({', '.join([mark] * 5)})", rows)
-    if state.dialect.name == "postgresql":
-        # Without statistics, joins on (entity, key) are estimated at a few rows, and the
-        # planner probes `acked` once per snapshot row instead of hashing it.
-        state.exec_driver_sql("ANALYZE run_keys")
+        state.exec_driver_sql(f"INSERT INTO run_keys VALUES ({db.marks(5)})", rows)
+    # Without statistics, joins on (entity, key) are estimated at a few rows, and the
+    # planner probes `acked` once per snapshot row instead of hashing it.
+    db.analyze("run_keys")
 
 
 def fill_diff(state: Connection) -> None:
     """Compute `diff` from `snap`, `run_keys`, `acked` and the uncertain keys."""
+    db = Backend(state)
     _fill_uncertain(state)
-    if state.dialect.name == "postgresql":
-        # The DISTINCT subquery hides `snap`'s statistics, so joins on (entity, key) are
-        # estimated at a few dozen rows and the planner probes `acked` by index once per
-        # snapshot row (measured 2.2 s against 1.2 s hashed, 300k users, no change).
-        # This statement is bulk work whatever the sizes: hash it.
-        state.exec_driver_sql("SET LOCAL enable_nestloop = off")
+    # The DISTINCT subquery hides `snap`'s statistics, so joins on (entity, key) are
+    # estimated at a few dozen rows and the planner probes `acked` by index once per
+    # snapshot row (measured 2.2 s against 1.2 s hashed, 300k users, no change).
+    # This statement is bulk work whatever the sizes: hash it.
+    with db.hash_joins():
+        _insert_diff(state)
+    # Without the entity: lookups filter on it after (user_id, key), which ids of a user
+    # and an account rarely share; a narrower index builds faster.
+    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
+    _fill_kept(state)
+    state.exec_driver_sql("DELETE FROM diff WHERE (entity, user_id) IN "
+                          "(SELECT entity, user_id FROM kept)")
+    db.analyze("diff")
+
+
+def _insert_diff(state: Connection) -> None:
     state.exec_driver_sql(f"""
         INSERT INTO diff (entity, user_id, key, kind, new_value, old_value, forced)
         -- a current value that is not the acknowledged one (or that a resync forces)
@@ -107,24 +117,14 @@ def fill_diff(state: Connection) -> None:
           AND NOT EXISTS (SELECT 1 FROM snap AS s WHERE s.entity = u.entity
                           AND s.user_id = u.user_id AND s.key = u.key)
     """)
-    if state.dialect.name == "postgresql":
-        state.exec_driver_sql("RESET enable_nestloop")
-    # Without the entity: lookups filter on it after (user_id, key), which ids of a user
-    # and an account rarely share; a narrower index builds faster.
-    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
-    _fill_kept(state)
-    state.exec_driver_sql("DELETE FROM diff WHERE (entity, user_id) IN "
-                          "(SELECT entity, user_id FROM kept)")
-    if state.dialect.name == "postgresql":
-        state.exec_driver_sql("ANALYZE diff")
 
 
 def _fill_uncertain(state: Connection) -> None:
     # The marked keys, and those of updates still in flight: a run marks what a
     # killed run left in flight before it diffs (ledger.mark_left_in_flight), but a
     # dry run does not, and a run that lost its lock may still be sending.
-    prefix = "temp." if state.dialect.name == "sqlite" else ""
-    state.exec_driver_sql(f"DROP TABLE IF EXISTS {prefix}uncertain")
+    db = Backend(state)
+    state.exec_driver_sql(f"DROP TABLE IF EXISTS {db.temp('uncertain')}")
     state.exec_driver_sql("CREATE TEMP TABLE uncertain (entity TEXT NOT NULL, "
                           "user_id TEXT NOT NULL, key TEXT NOT NULL, "
                           "PRIMARY KEY (entity, user_id, key))")
@@ -136,8 +136,7 @@ def _fill_uncertain(state: Connection) -> None:
         FROM updates AS u JOIN changes AS c ON c.update_id = u.id
         WHERE u.in_flight_since IS NOT NULL
     """)
-    if state.dialect.name == "postgresql":
-        state.exec_driver_sql("ANALYZE uncertain")
+    db.analyze("uncertain")
 
 
 def _fill_kept(state: Connection) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from .backend import Backend
 from .config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config
 from .errors import SourceEntryError
 from .source import ReadStats, Unrepresentable, is_blank, read_rows, to_json, user_id_text
@@ -94,7 +95,8 @@ def load_accounts(query: str, source: Connection, state: Connection) -> int:
           _account_rows(source, query, stats))
     # "Smallest user_id as text": code point order on both backends (PostgreSQL's
     # default collation would follow the locale); rows without a user_id come last.
-    collate = ' COLLATE "C"' if state.dialect.name == "postgresql" else ""
+    db = Backend(state)
+    collate = db.collate_c
     state.exec_driver_sql(f"""
         INSERT INTO accounts (group_id, user_id, data)
         SELECT group_id, user_id, data FROM (
@@ -106,8 +108,7 @@ def load_accounts(query: str, source: Connection, state: Connection) -> int:
         WHERE pick = 1
     """)
     state.exec_driver_sql("CREATE UNIQUE INDEX accounts_group ON accounts (group_id)")
-    if state.dialect.name == "postgresql":
-        state.exec_driver_sql("ANALYZE accounts")
+    db.analyze("accounts")
     insert_field_rows(state, "customer", "accounts", "group_id")
     return stats.ignored
 
@@ -132,12 +133,7 @@ def _account_rows(source: Connection, query: str,
 
 def insert_field_rows(state: Connection, entity: str, table: str, id_column: str) -> None:
     """One `snap` row per field of each record of `table` (its `data` JSON object)."""
-    if state.dialect.name == "postgresql":
-        source = f"{table} AS t, json_each_text(t.data::json) AS j"
-        value = "to_json(j.value)::text"
-    else:
-        source = f"{table} AS t, json_each(t.data) AS j"
-        value = "json_quote(j.value)"
+    source, value = Backend(state).json_each(table, "data")
     state.exec_driver_sql(f"""
         INSERT INTO snap (entity, user_id, key, value)
         SELECT '{entity}', t.{id_column}, '{FIELD_PREFIX}' || j.key, {value} FROM {source}

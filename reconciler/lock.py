@@ -25,9 +25,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from .backend import Backend
 from .errors import LockHeld
 from .schema import run_lock
 
@@ -60,11 +61,7 @@ def holder_is_alive(host: str, pid: int, pid_started: str, now: datetime,
 def database_now(conn: Connection) -> datetime:
     """The time leases are judged by: the server's clock on PostgreSQL (shared by every
     host), this machine's on SQLite (a file database lives on one host)."""
-    if conn.dialect.name == "postgresql":
-        moment = conn.execute(text("SELECT statement_timestamp()")).scalar_one()
-        assert isinstance(moment, datetime)
-        return moment.astimezone(UTC)
-    return datetime.now(UTC)
+    return Backend(conn).server_now()
 
 
 class RunLock:

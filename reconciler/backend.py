@@ -1,0 +1,133 @@
+"""The one place that asks which database the state lives in (SQLite or PostgreSQL).
+
+Every stage that writes or reads the run's temporary tables in bulk goes through a
+`Backend` chosen once from its connection:
+
+    mark                the DBAPI parameter mark (`?` or `%s`)
+    temp(name)          how a temporary table is named in DDL (`temp.snap` on SQLite)
+    true                the SQL literal of a true boolean column value
+    load(...)           bulk insert: executemany on SQLite, COPY on PostgreSQL
+    analyze(table)      refresh planner statistics where the planner uses them
+    stream(sql)         rows in chunks, server-side on PostgreSQL, never held whole
+    server_now()        the time leases are judged by (the server's clock on PostgreSQL)
+    hash_joins()        around a bulk statement PostgreSQL's planner misjudges: no nested loops
+    collate_c           ` COLLATE "C"` where text order would follow the locale
+    json_each(...)      the FROM items and value expression that spread a JSON object
+
+The source database's own dialect questions (its snapshot, its read-only mode) are
+source_snapshot.py's: they concern the user's warehouse, not the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+
+@dataclass(frozen=True)
+class Backend:
+    conn: Connection
+
+    @property
+    def name(self) -> str:
+        return self.conn.dialect.name
+
+    @property
+    def postgres(self) -> bool:
+        return self.name == "postgresql"
+
+    @property
+    def mark(self) -> str:
+        return "%s" if self.postgres else "?"
+
+    @property
+    def true(self) -> str:
+        return "true" if self.postgres else "1"
+
+    def temp(self, table: str) -> str:
+        """The name to drop a temporary table by (SQLite keeps them in `temp`)."""
+        return table if self.postgres else f"temp.{table}"
+
+    def marks(self, count: int) -> str:
+        return ", ".join([self.mark] * count)
+
+    def load(self, table: str, columns: Sequence[str],
+             chunks: Iterable[Sequence[Sequence[Any]]]) -> None:
+        """Bulk-insert chunks of rows into `table` (a temporary table of this run)."""
+        names = ", ".join(columns)
+        if self.postgres:
+            raw = self.conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor, cursor.copy(
+                    f"COPY {table} ({names}) FROM STDIN") as copy:
+                for chunk in chunks:
+                    for row in chunk:
+                        copy.write_row(row)
+            return
+        sql = f"INSERT INTO {table} ({names}) VALUES ({self.marks(len(columns))})"
+        for chunk in chunks:
+            if chunk:
+                self.conn.exec_driver_sql(sql, list(chunk))
+
+    def analyze(self, table: str) -> None:
+        """Planner statistics for a freshly filled table (PostgreSQL plans by them;
+        SQLite's planner does well on its indexes alone)."""
+        if self.postgres:
+            self.conn.exec_driver_sql(f"ANALYZE {table}")
+
+    def stream(self, sql: str, batch: int, name: str = "reconciler_stream"
+               ) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of `sql` in chunks of `batch`; the connection may be written meanwhile
+        (a named server-side cursor on PostgreSQL, a second cursor on SQLite)."""
+        raw = self.conn.connection.driver_connection
+        assert raw is not None
+        reader = raw.cursor(name) if self.postgres else raw.cursor()
+        try:
+            reader.execute(sql)
+            while rows := reader.fetchmany(batch):
+                yield rows
+        finally:
+            reader.close()
+
+    def writer(self) -> Any:
+        """A DBAPI cursor for executemany loops too hot for SQLAlchemy's per-row work."""
+        return self.conn.connection.cursor()
+
+    def server_now(self) -> datetime:
+        if self.postgres:
+            moment = self.conn.execute(text("SELECT statement_timestamp()")).scalar_one()
+            assert isinstance(moment, datetime)
+            return moment.astimezone(UTC)
+        return datetime.now(UTC)
+
+    @contextlib.contextmanager
+    def hash_joins(self) -> Iterator[None]:
+        """Within the caller's transaction, no nested-loop joins on PostgreSQL: for a
+        statement that is bulk work whatever the sizes, where estimates go wrong."""
+        if not self.postgres:
+            yield
+            return
+        self.conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
+        try:
+            yield
+        finally:
+            self.conn.exec_driver_sql("RESET enable_nestloop")
+
+    @property
+    def collate_c(self) -> str:
+        """Code point order for text (PostgreSQL's default collation follows the locale;
+        SQLite's BINARY already is code point order)."""
+        return ' COLLATE "C"' if self.postgres else ""
+
+    def json_each(self, table: str, column: str) -> tuple[str, str]:
+        """(FROM items, value expression) that spread `table.column`, a JSON object, into
+        rows `j.key` and the value as canonical JSON text."""
+        if self.postgres:
+            return (f"{table} AS t, json_each_text(t.{column}::json) AS j",
+                    "to_json(j.value)::text")
+        return f"{table} AS t, json_each(t.{column}) AS j", "json_quote(j.value)"
