@@ -26,13 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import check as check_core
 from . import history as history_core
-from . import logs, views
+from . import logs, summaries, views
 from .config import Config, config_path, load_config
 from .daemon import require_schedule, run_daemon
 from .db import database_error, migrate, state_engine
 from .errors import ReconcilerError, UsageError
 from .fields import field_keys
-from .guard import proceed_command, resolve_accepted
+from .guard import resolve_accepted
 from .redact import Redactor, install_log_redaction
 from .retention import prune_now
 from .run import DryRunReport, RunRequest, RunResult, Seams, dry_run, sync
@@ -392,74 +392,15 @@ def _print_result(result: RunResult, as_json: bool) -> None:
     if as_json:
         _print_json(result.as_dict())
         return
-    if result.status == "halted":
-        click.echo(f"run {result.run_id} halted: {result.users_seen} users seen; nothing "
-                   f"sent or kept ({result.pending} earlier updates stay pending); "
-                   f"error: {result.error}")
-        return
-    click.echo(
-        f"run {result.run_id} {result.status}: {result.users_seen} users seen, "
-        f"{result.users_changed} changed"
-        + (f"; {result.accounts_seen} accounts seen, {result.accounts_changed} changed"
-           if result.accounts_seen or result.accounts_changed else "")
-        + f" (entered {result.entered}, exited {result.exited}, "
-        f"traits {result.traits_changed}{_resent(result.resent)}); sent {result.sent}, "
-        f"failed {result.failed}, "
-        f"skipped {result.skipped}, pending {result.pending}"
-        + (f"; ignored {result.rows_ignored} rows without user_id (or group_id)"
-           if result.rows_ignored else "")
-        + (f"; emails left out: {result.emails_left_out}" if result.emails_left_out else "")
-        + (f"; linked_in left out: {result.linked_in_left_out}" if result.linked_in_left_out
-           else "")
-        + (f"; error: {result.error}" if result.error else ""))
-
-
-def _resent(count: int) -> str:
-    """Values sent again as acknowledged (a resync, an uncertain key): not changes."""
-    return f", resent {count} unchanged" if count else ""
+    click.echo(summaries.run_line(result))
 
 
 def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
-    data = {"users_seen": report.users_seen, "users_changed": report.counts.users,
-            "accounts_seen": report.accounts_seen,
-            "accounts_changed": report.counts.accounts,
-            "entered": report.counts.entered, "exited": report.counts.exited,
-            "traits_changed": report.counts.traits_changed, "skipped": report.counts.skipped,
-            "resent": report.resent, "still_pending": report.kept,
-            "rows_ignored": report.rows_ignored,
-            "failed_entries": report.failed_entries, "sample": report.sample,
-            "guard": report.guard.as_dict()}
     if as_json:
-        _print_json(data)
+        _print_json(summaries.dry_run_data(report))
         return
-    with_accounts = bool(report.accounts_seen or report.counts.accounts)
-    seen = f", {report.accounts_seen} accounts seen" if with_accounts else ""
-    accounts = f" and {report.counts.accounts} account updates" if with_accounts else ""
-    click.echo(f"dry run: {report.users_seen} users seen{seen}; would send "
-               f"{report.counts.users} updates{accounts} "
-               f"(entered {report.counts.entered}, exited {report.counts.exited}, "
-               f"traits {report.counts.traits_changed}{_resent(report.resent)}, "
-               f"skipped {report.counts.skipped}); "
-               f"{report.kept} earlier updates kept as they are (pending, or rejected and "
-               "waiting for a change)"
-               + (f"; ignored {report.rows_ignored} rows without user_id" if report.rows_ignored
-                  else ""))
-    for key, error in report.failed_entries.items():
-        click.echo(f"  entry {key} failed: {error}")
-    if report.guard.halted:
-        click.echo(f"a real run would halt and send nothing: "
-                   f"{report.guard.explanation(proceed_command('manual', None))}")
-    for trip in report.guard.accepted:
-        click.echo(f"accepted by --accept-exits: {trip.describe()}")
-    for item in report.sample:
-        click.echo(f"  {_sample_label(item)}: {json.dumps(item['body'], ensure_ascii=False)}")
-
-
-def _sample_label(item: dict[str, Any]) -> str:
-    """`would send` or `would skip`, with the note of the body (why it is skipped, what
-    was left out of it)."""
-    verb = "would skip" if item["status"] == "skipped" else "would send"
-    return f"{verb} ({item['note']})" if item["note"] else verb
+    for line in summaries.dry_run_lines(report):
+        click.echo(line)
 
 
 if __name__ == "__main__":

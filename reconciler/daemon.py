@@ -42,6 +42,7 @@ from .db import database_error
 from .errors import ConfigError, LockHeld, ReconcilerError
 from .metrics import Metrics, serve
 from .run import RunRequest, RunResult, Seams, sync
+from .summaries import run_line
 
 JOB_ID = "reconciler-sync"
 SCHEDULED = RunRequest(trigger="schedule")
@@ -129,25 +130,8 @@ def run_once(config: Config, engine: Engine, seams: Seams | None = None,
     return result
 
 
-def _resent(count: int) -> str:
-    return f", resent {count} unchanged" if count else ""
-
-
 def _log_run(result: RunResult, trigger: str, seconds: float) -> None:
-    message = (f"run {result.run_id} {result.status} in {seconds:.1f}s: "
-               f"{result.users_seen} users seen, {result.users_changed} changed"
-               + (f"; {result.accounts_seen} accounts seen, {result.accounts_changed} changed"
-                  if result.accounts_seen or result.accounts_changed else "")
-               + f" (entered {result.entered}, exited {result.exited}, traits "
-               f"{result.traits_changed}{_resent(result.resent)}); sent {result.sent}, "
-               f"failed {result.failed}, "
-               f"skipped {result.skipped}, pending {result.pending}")
-    if result.status == "halted":
-        message = (f"run {result.run_id} halted in {seconds:.1f}s: {result.users_seen} "
-                   f"users seen; nothing sent or kept ({result.pending} earlier updates "
-                   "stay pending)")
-    if result.error:
-        message += f"; error: {result.error}"
+    message = run_line(result, seconds)
     fields = {"event": "run", "trigger": trigger, "duration_seconds": round(seconds, 3),
               **result.as_dict()}
     level = {"succeeded": logging.INFO, "halted": logging.ERROR}.get(result.status,
