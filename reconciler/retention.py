@@ -63,6 +63,8 @@ def horizon(state: Connection, cutoff: datetime) -> int:
 def prune(state: Connection, cutoff: datetime) -> Pruned:
     """Delete the history of runs started before `cutoff`, in the caller's transaction."""
     first = horizon(state, cutoff)
+    if not _anything_before(state, first):
+        return Pruned()
     recent_attempt = exists().where(deliveries.c.update_id == updates.c.id,
                                     deliveries.c.run_id >= first)
     newest_update = select(func.max(updates.c.id)).scalar_subquery()
@@ -89,6 +91,19 @@ def prune(state: Connection, cutoff: datetime) -> Pruned:
     return Pruned(runs=gone_runs.rowcount, updates=gone_updates.rowcount,
                   changes=gone_changes.rowcount,
                   deliveries=gone_attempts.rowcount + old_attempts.rowcount)
+
+
+def _anything_before(state: Connection, first: int) -> bool:
+    """Whether any run, or any attempt, is older than run `first`: two index look-ups.
+
+    Without one there is nothing to prune (an update points at its run), and the
+    deletes below, each of which scans `updates`, are skipped: the usual case of a
+    run's end, when the oldest run is still within `keep_days`.
+    """
+    old_run = select(sync_runs.c.id).where(sync_runs.c.id < first).limit(1)
+    old_attempt = select(deliveries.c.id).where(deliveries.c.run_id < first).limit(1)
+    return (state.execute(old_run).first() is not None
+            or state.execute(old_attempt).first() is not None)
 
 
 def prune_after_run(engine: Engine, keep_days: int) -> Pruned | None:
