@@ -21,7 +21,7 @@ source_snapshot.py's: they concern the user's warehouse, not the state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -81,7 +81,7 @@ class Backend:
             self.conn.exec_driver_sql(f"ANALYZE {table}")
 
     def stream(self, sql: str, batch: int, name: str = "reconciler_stream"
-               ) -> Iterator[list[tuple[Any, ...]]]:
+               ) -> Generator[list[tuple[Any, ...]]]:
         """The rows of `sql` in chunks of `batch`; the connection may be written meanwhile
         (a named server-side cursor on PostgreSQL, a second cursor on SQLite)."""
         raw = self.conn.connection.driver_connection

@@ -44,10 +44,7 @@ def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str
     key is failed for both entities: entry keys are unique across them.
     """
     db = Backend(state)
-    state.exec_driver_sql(f"DROP TABLE IF EXISTS {db.temp('run_keys')}")
-    state.exec_driver_sql("CREATE TEMP TABLE run_keys (key TEXT NOT NULL, kind TEXT NOT NULL,"
-                          " forced INTEGER NOT NULL, failed INTEGER NOT NULL,"
-                          " entity TEXT NOT NULL DEFAULT 'contact', PRIMARY KEY (entity, key))")
+    state.exec_driver_sql("DELETE FROM run_keys")
     rows: list[tuple[str, str, int, int, str]] = [
         (e.key, e.kind, int(e.key in resync_keys), 0, e.entity) for e in loaded]
     rows += [(key, "field", int(key in resync_keys), 0, entity) for entity, key in fields]
@@ -124,10 +121,7 @@ def _fill_uncertain(state: Connection) -> None:
     # killed run left in flight before it diffs (ledger.mark_left_in_flight), but a
     # dry run does not, and a run that lost its lock may still be sending.
     db = Backend(state)
-    state.exec_driver_sql(f"DROP TABLE IF EXISTS {db.temp('uncertain')}")
-    state.exec_driver_sql("CREATE TEMP TABLE uncertain (entity TEXT NOT NULL, "
-                          "user_id TEXT NOT NULL, key TEXT NOT NULL, "
-                          "PRIMARY KEY (entity, user_id, key))")
+    state.exec_driver_sql("DELETE FROM uncertain")
     state.exec_driver_sql("""
         INSERT INTO uncertain (entity, user_id, key)
         SELECT entity, user_id, key FROM uncertain_keys

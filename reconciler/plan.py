@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from .backend import Backend
 from .contact import build_contact
 from .customer import build_customer
 from .source import TRUE
@@ -88,9 +89,8 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     """Write `plan` from `diff` (of each entity, its first `max_users` by id, if given);
     return what it holds. Accounts come first: their updates get the smaller ids."""
     counts = PlanCounts()
-    mark = "?" if state.dialect.name == "sqlite" else "%s"
     insert = ("INSERT INTO plan (seq, user_id, message_id, version, resync_run_id, body, "
-              f"status, note, entity) VALUES ({', '.join([mark] * 9)})")
+              f"status, note, entity) VALUES ({Backend(state).marks(9)})")
     # DBAPI cursors: this loop sees every changed user, and SQLAlchemy's per-row
     # machinery would cost more than the work itself.
     writer = state.connection.cursor()
@@ -151,26 +151,22 @@ def _changed_users(state: Connection, entity: str
     """(id, [(key, kind, new_value, forced, version, data[, account user_id]), ...]) by
     id, for one entity: contacts with their profile, accounts with their fields and
     the user they are sent for."""
-    raw = state.connection.driver_connection
-    assert raw is not None
-    # A server-side cursor on PostgreSQL, so the diff is streamed, never held whole;
-    # `plan` is written on this same connection meanwhile, which both backends allow.
-    reader = raw.cursor("plan_diff") if state.dialect.name == "postgresql" else raw.cursor()
     if entity == "contact":
         record = "p.data FROM diff AS d LEFT JOIN profile AS p ON p.user_id = d.user_id"
     else:
         record = ("a.data, a.user_id FROM diff AS d "
                   "LEFT JOIN accounts AS a ON a.group_id = d.user_id")
-    reader.execute(f"""
+    # Streamed (a server-side cursor on PostgreSQL), never held whole; `plan` is written
+    # on this same connection meanwhile, which both backends allow.
+    chunks = Backend(state).stream(f"""
         SELECT d.user_id, d.key, d.kind, d.new_value, d.forced, v.version, {record}
         LEFT JOIN ack_versions AS v ON v.entity = d.entity AND v.user_id = d.user_id
         WHERE d.entity = '{entity}'
         ORDER BY d.user_id, d.key
-    """)
+    """, BATCH, name="plan_diff")
     try:
-        rows = iter(lambda: reader.fetchmany(BATCH), [])
-        for user_id, group in groupby((row for chunk in rows for row in chunk),
+        for user_id, group in groupby((row for chunk in chunks for row in chunk),
                                       key=itemgetter(0)):
             yield user_id, [tuple(row[1:]) for row in group]
     finally:
-        reader.close()
+        chunks.close()

@@ -23,16 +23,13 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from . import workspace
+from .backend import Backend
 from .config import PROFILE_FIELDS, Config, Entry
 from .errors import SourceEntryError
 from .fields import field_keys, insert_field_rows, load_accounts
 from .source import TRUE, ReadStats, profile_fields, read_rows, trait_json
 from .source_snapshot import SourceSnapshot
-
-TEMP_TABLES = ("snap", "profile_raw", "profile", "diff", "kept", "plan", "account_raw",
-               "accounts")
-# Rows without an entity column given are about contacts.
-_ENTITY = "entity TEXT NOT NULL DEFAULT 'contact'"
 
 
 @dataclass
@@ -55,35 +52,12 @@ class Snapshot:
 
 
 def create_temp_tables(state: Connection) -> None:
-    """(Re)create the run's temporary tables on this connection."""
-    for name in TEMP_TABLES:
-        state.exec_driver_sql(f"DROP TABLE IF EXISTS {_temp(state)}{name}")
-    temp = "CREATE TEMP TABLE"
-    state.exec_driver_sql(f"{temp} snap (user_id TEXT NOT NULL, key TEXT NOT NULL, "
-                          f"value TEXT NOT NULL, {_ENTITY})")
-    state.exec_driver_sql(f"{temp} profile_raw (user_id TEXT NOT NULL, data TEXT NOT NULL)")
-    state.exec_driver_sql(f"{temp} account_raw (group_id TEXT NOT NULL, user_id TEXT, "
-                          "data TEXT NOT NULL)")
-    state.exec_driver_sql(f"{temp} accounts (group_id TEXT NOT NULL, user_id TEXT, "
-                          "data TEXT NOT NULL)")
-    state.exec_driver_sql(f"{temp} diff (user_id TEXT NOT NULL, key TEXT NOT NULL, "
-                          "kind TEXT NOT NULL, new_value TEXT NOT NULL, old_value TEXT, "
-                          f"forced INTEGER NOT NULL, {_ENTITY})")
-    state.exec_driver_sql(f"{temp} kept (user_id TEXT NOT NULL, update_id INTEGER NOT NULL, "
-                          f"{_ENTITY})")
-    state.exec_driver_sql(f"{temp} plan (seq INTEGER NOT NULL, user_id TEXT NOT NULL, "
-                          "message_id TEXT NOT NULL, version INTEGER NOT NULL, "
-                          "resync_run_id INTEGER, body TEXT NOT NULL, status TEXT NOT NULL, "
-                          f"note TEXT, {_ENTITY})")
+    """(Re)create the run's workspace (workspace.py) on this connection."""
+    workspace.create(state)
 
 
 def drop_temp_tables(state: Connection) -> None:
-    for name in TEMP_TABLES:
-        state.exec_driver_sql(f"DROP TABLE IF EXISTS {_temp(state)}{name}")
-
-
-def _temp(state: Connection) -> str:
-    return "temp." if state.dialect.name == "sqlite" else ""
+    workspace.drop(state)
 
 
 def take_snapshot(config: Config, source: Connection, state: Connection) -> Snapshot:
@@ -131,8 +105,7 @@ def take_snapshot(config: Config, source: Connection, state: Connection) -> Snap
         load_profile(config, source, state, everyone=True)
         insert_field_rows(state, "contact", "profile", "user_id")
     snapshot.fields = field_keys(config)
-    if state.dialect.name == "postgresql":
-        state.exec_driver_sql("ANALYZE snap")
+    Backend(state).analyze("snap")
     snapshot.accounts_seen = _distinct_ids(state, "customer")
     return snapshot
 
@@ -233,11 +206,10 @@ def load_profile(config: Config, source: Connection, state: Connection,
 
 def _group_profile(state: Connection) -> None:
     """`profile` from `profile_raw`: one row per user."""
-    state.exec_driver_sql("CREATE TEMP TABLE profile AS SELECT user_id, MIN(data) AS data "
+    state.exec_driver_sql("INSERT INTO profile (user_id, data) SELECT user_id, MIN(data) "
                           "FROM profile_raw GROUP BY user_id")
     state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
-    if state.dialect.name == "postgresql":
-        state.exec_driver_sql("ANALYZE profile")
+    Backend(state).analyze("profile")
 
 
 def _profile_rows(source: Connection, query: str,
@@ -268,22 +240,9 @@ def _trait_conflicts(state: Connection, trait_keys: list[str]) -> list[tuple[str
 
 
 def _param(state: Connection) -> str:
-    return "?" if state.dialect.name == "sqlite" else "%s"
+    return Backend(state).mark
 
 
 def _load(state: Connection, table: str, columns: tuple[str, ...],
           chunks: Iterable[list[tuple[Any, ...]]]) -> None:
-    if state.dialect.name == "postgresql":
-        raw = state.connection.driver_connection
-        assert raw is not None
-        with raw.cursor() as cursor, cursor.copy(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-            for chunk in chunks:
-                for row in chunk:
-                    copy.write_row(row)
-    else:
-        marks = ", ".join("?" for _ in columns)
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
-        for chunk in chunks:
-            if chunk:
-                state.exec_driver_sql(sql, chunk)
+    Backend(state).load(table, columns, chunks)
