@@ -22,7 +22,7 @@ RECONCILER = [str(Path(sys.executable).with_name("reconciler"))]
 
 CONFIG = """\
 [database]
-url = "sqlite:///{here}/reconciler.db"
+url = "sqlite:///{here}/reconciler.state.db"
 
 [source]
 url = "sqlite:///{here}/warehouse.db"

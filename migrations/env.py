@@ -1,14 +1,14 @@
 """Alembic environment, after Alembic's generic template.
 
 Runs offline (SQL script) or online. Online, it uses the connection that
-`reconciler.db.migrate` injects through `config.attributes["connection"]`, or builds
+`reconciler.state.db.migrate` injects through `config.attributes["connection"]`, or builds
 an engine from `sqlalchemy.url`. `render_as_batch=True` lets SQLite alter tables.
 """
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from reconciler.schema import metadata
+from reconciler.state.schema import metadata
 
 config = context.config
 target_metadata = metadata

@@ -1,5 +1,5 @@
 """`python -m reconciler`."""
 
-from .cli import main
+from reconciler.cli import main
 
 main()

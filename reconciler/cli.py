@@ -24,18 +24,19 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import check as check_core
-from . import history as history_core
-from . import logs, summaries, views
-from .config import Config, config_path, load_config
-from .daemon import require_schedule, run_daemon
-from .db import database_error, migrate, state_engine
-from .errors import ReconcilerError, UsageError
-from .fields import field_keys
-from .guard import resolve_accepted
-from .redact import Redactor, install_log_redaction
-from .retention import prune_now
-from .run import DryRunReport, RunRequest, RunResult, Seams, dry_run, sync
+from reconciler import summaries, views
+from reconciler.config import Config, config_path, load_config
+from reconciler.errors import ReconcilerError, UsageError
+from reconciler.ops import check as check_core
+from reconciler.ops import logs
+from reconciler.ops.daemon import require_schedule, run_daemon
+from reconciler.pipeline.fields import field_keys
+from reconciler.pipeline.guard import resolve_accepted
+from reconciler.redact import Redactor, install_log_redaction
+from reconciler.run import DryRunReport, RunRequest, RunResult, Seams, dry_run, sync
+from reconciler.state import history as history_core
+from reconciler.state.db import database_error, migrate, state_engine
+from reconciler.state.retention import prune_now
 
 F = TypeVar("F", bound=Callable[..., Any])
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`, seen by `set -o pipefail`

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
-from .redact import Redactor
-from .secret import Secret
+from reconciler.errors import ConfigError
+from reconciler.redact import Redactor
+from reconciler.secret import Secret
 
 PROFILE_FIELDS = (
     "anonymous_id", "email", "first_name", "last_name", "name", "title", "phone",
@@ -31,7 +31,7 @@ ACCOUNT_FIELDS = (
 )
 MAX_CONCURRENCY = 20  # ChartMogul answers 503 above 20 parallel connections.
 MAX_KEY_LENGTH = 255  # the state database's key columns
-DEFAULT_DATABASE_URL = "sqlite:///reconciler.db"
+DEFAULT_DATABASE_URL = "sqlite:///reconciler.state.db"
 
 Kind = Literal["audience", "trait"]
 # What an entry is about: users (Send Contact) or accounts (Send Customer, SPEC §9).
@@ -169,7 +169,7 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(where, "TOML syntax", str(exc), "fix the syntax at that line") from None
-    from .config_reader import Reader  # the validation rules, one module of their own
+    from reconciler.config_reader import Reader  # the validation rules, one module of their own
 
     return Reader(where).config(raw, env)
 

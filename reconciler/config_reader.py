@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .config import (
+from reconciler.config import (
     DEFAULT_DATABASE_URL,
     MAX_CONCURRENCY,
     MAX_KEY_LENGTH,
@@ -31,10 +31,10 @@ from .config import (
     Schedule,
     is_loopback_host,
 )
-from .errors import ConfigError
-from .keys import EXPLICIT_KEY, derive_key
-from .redact import mask_webhook
-from .secret import Secret
+from reconciler.errors import ConfigError
+from reconciler.keys import EXPLICIT_KEY, derive_key
+from reconciler.redact import mask_webhook
+from reconciler.secret import Secret
 
 _TOP = ("database", "source", "destination", "schedule", "profile", "audiences", "traits",
         "daemon", "history", "safety", "accounts", "account_audiences", "account_traits")
@@ -414,7 +414,7 @@ def check_cron(expression: str, where: str) -> None:
     """Validate a five-field cron expression by building the trigger the daemon runs."""
     from datetime import UTC
 
-    from .crontab import cron_trigger
+    from reconciler.ops.crontab import cron_trigger
 
     try:
         cron_trigger(expression, UTC)

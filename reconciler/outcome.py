@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import httpx
 
-    from .guard import Verdict
-    from .plan import PlanCounts
+    from reconciler.pipeline.guard import Verdict
+    from reconciler.pipeline.plan import PlanCounts
 
 # Accounts before contacts (SPEC §9): ChartMogul learns of a company before the contacts
 # that name it. Every pending account update is settled before the first contact goes.

@@ -20,7 +20,7 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from .secret import MASK, Secret, mask_url
+from reconciler.secret import MASK, Secret, mask_url
 
 # Path segments and query values at least this long are treated as tokens.
 TOKEN_MIN = 8

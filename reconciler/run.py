@@ -20,18 +20,23 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from .causes import explain, join
-from .config import Config
-from .db import database_error
-from .errors import ReconcilerError, RunFailed, RunHalted
-from .guard import Verdict
-from .ledger import close_interrupted_runs, mark_left_in_flight, start_run, update_run
-from .lock import RunLock
-from .outcome import DryRunReport, RunRequest, RunResult, Seams
-from .planning import Planned, dry_run, plan_run
-from .retention import prune_after_run
-from .schema import entry_keys
-from .sending import Sent, send_pending
+from reconciler.config import Config
+from reconciler.delivery.sending import Sent, send_pending
+from reconciler.errors import ReconcilerError, RunFailed, RunHalted
+from reconciler.outcome import DryRunReport, RunRequest, RunResult, Seams
+from reconciler.pipeline.guard import Verdict
+from reconciler.pipeline.planning import Planned, dry_run, plan_run
+from reconciler.state.causes import explain, join
+from reconciler.state.db import database_error
+from reconciler.state.ledger import (
+    close_interrupted_runs,
+    mark_left_in_flight,
+    start_run,
+    update_run,
+)
+from reconciler.state.lock import RunLock
+from reconciler.state.retention import prune_after_run
+from reconciler.state.schema import entry_keys
 
 __all__ = ["DryRunReport", "RunRequest", "RunResult", "Seams", "dry_run", "sync"]
 

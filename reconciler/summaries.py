@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .guard import proceed_command
-from .outcome import DryRunReport, RunResult
+from reconciler.outcome import DryRunReport, RunResult
+from reconciler.pipeline.guard import proceed_command
 
 
 def run_line(result: RunResult, took: float | None = None) -> str:

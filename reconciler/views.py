@@ -28,9 +28,9 @@ from rich.progress import (
 from rich.progress import Progress as ProgressDisplay
 from rich.text import Text
 
-from .db import FIX_HINTS
-from .outcome import Progress
-from .tables import NUMBER, TEXT, Column, print_table
+from reconciler.outcome import Progress
+from reconciler.state.db import FIX_HINTS
+from reconciler.tables import NUMBER, TEXT, Column, print_table
 
 ROWS = 50
 # sync_runs count → its history column

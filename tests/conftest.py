@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Engine
 
 from reconciler.config import Config, load_config
-from reconciler.db import migrate, state_engine
+from reconciler.state.db import migrate, state_engine
 
 from .receiver import Receiver
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 import reconciler.cli
 from reconciler.cli import main
-from reconciler.db import state_engine
+from reconciler.state.db import state_engine
 
 if TYPE_CHECKING:
     from .conftest import Setup

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from reconciler.schema import updates
+from reconciler.state.schema import updates
 
 from .conftest import Setup
 from .helpers import custom

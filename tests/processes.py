@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from reconciler.schema import sync_runs
+from reconciler.state.schema import sync_runs
 
 from .helpers import clean_env
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import Result
 from sqlalchemy import Engine, select
 
-from reconciler.schema import ack_versions, acked, changes, sync_runs, updates
+from reconciler.state.schema import ack_versions, acked, changes, sync_runs, updates
 
 from .conftest import Setup, Warehouse
 from .helpers import cli
@@ -555,7 +555,7 @@ def test_account_field_values_are_sent_as_text(accounts, engine_of):
 
 def test_metrics_count_updates_by_kind(mixed, engine_of):
     from reconciler.config import load_config
-    from reconciler.metrics import Metrics
+    from reconciler.ops.metrics import Metrics
     from reconciler.run import sync as run_sync
 
     engine = engine_of(mixed)
@@ -572,7 +572,7 @@ def test_existing_rows_become_contacts_on_upgrade(state_url):
     """A database from before accounts: its acknowledged state stays the users'."""
     from alembic import command as alembic
 
-    from reconciler.db import alembic_config, migrate, state_engine
+    from reconciler.state.db import alembic_config, migrate, state_engine
 
     engine = state_engine(state_url)
     config = alembic_config()

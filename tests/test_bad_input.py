@@ -18,7 +18,7 @@ import pytest
 from click.testing import Result
 from sqlalchemy import Engine, select
 
-from reconciler.schema import acked, sync_runs, updates
+from reconciler.state.schema import acked, sync_runs, updates
 
 from .conftest import Setup, Warehouse
 from .helpers import cli

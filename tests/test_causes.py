@@ -12,8 +12,8 @@ import pytest
 from click.testing import Result
 from sqlalchemy import select
 
-from reconciler.causes import cause_of
-from reconciler.schema import sync_runs
+from reconciler.state.causes import cause_of
+from reconciler.state.schema import sync_runs
 from reconciler.views import error_cell
 
 from .conftest import Setup

@@ -11,7 +11,7 @@ import pytest
 from click.testing import Result
 from sqlalchemy import func, select
 
-from reconciler.schema import sync_runs, updates
+from reconciler.state.schema import sync_runs, updates
 
 from .conftest import PG_ADMIN, Setup
 from .helpers import cli

@@ -16,7 +16,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from reconciler.cli import main
-from reconciler.schema import sync_runs, updates
+from reconciler.state.schema import sync_runs, updates
 from reconciler.views import progress_bar
 
 from .conftest import Setup

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from reconciler.concurrency import (
+from reconciler.delivery.concurrency import (
     WINDOW_REQUESTS,
     WINDOW_SECONDS,
     Concurrency,

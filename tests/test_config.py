@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from reconciler.config import DEFAULT_DATABASE_URL, load_config
 from reconciler.errors import ConfigError
-from reconciler.schema import acked, sync_runs
+from reconciler.state.schema import acked, sync_runs
 
 from .conftest import Setup, Warehouse
 from .helpers import assert_one_clean_line, cli

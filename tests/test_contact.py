@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.contact import (
+from reconciler.pipeline.contact import (
     CONTACT_FIELDS,
     NOTE_EMAIL,
     NOTE_LINKED_IN,
@@ -285,5 +285,5 @@ def test_an_address_without_a_dot_in_its_domain_is_invalid(address):
 @settings(max_examples=300)
 @given(st.from_regex(r"https?://[A-Za-z0-9.\-]{1,12}(/[A-Za-z0-9._~\-]{0,8}){0,3}", fullmatch=True))
 def test_the_fast_path_for_plain_web_addresses_accepts_only_what_the_uri_pattern_does(url):
-    from reconciler.contact import _URI
+    from reconciler.pipeline.contact import _URI
     assert is_valid_uri(url) and _URI.fullmatch(url) is not None

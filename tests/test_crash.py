@@ -33,7 +33,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from reconciler.run import Seams, sync
-from reconciler.schema import sync_runs, updates
+from reconciler.state.schema import sync_runs, updates
 
 from .conftest import Setup
 from .helpers import clean_env

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from reconciler.crontab import cron_trigger, day_of_week
+from reconciler.ops.crontab import cron_trigger, day_of_week
 
 SATURDAY = datetime(2026, 11, 28, 12, 30, tzinfo=UTC)
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.config import ACCOUNT_FIELDS
-from reconciler.contact import with_sent_at
-from reconciler.customer import (
+from reconciler.pipeline.contact import with_sent_at
+from reconciler.pipeline.customer import (
     NOTE_CREATED_AT,
     NOTE_EMAIL,
     NOTE_WEBSITE,
@@ -22,7 +22,7 @@ from reconciler.customer import (
     is_uri_reference,
     parse_moment,
 )
-from reconciler.plan import message_id
+from reconciler.pipeline.plan import message_id
 
 ORDER = ["type", "message_id", "timestamp", "user_id", "group_id", "name", "description",
          "email", "website", "created_at", "address", "custom", "sent_at"]

@@ -15,11 +15,11 @@ from sqlalchemy import func, select
 
 from reconciler.cli import main
 from reconciler.config import Schedule
-from reconciler.daemon import JOB_ID, MISFIRE_GRACE_SECONDS, build_scheduler, run_once
-from reconciler.lock import RunLock
-from reconciler.metrics import Metrics
+from reconciler.ops.daemon import JOB_ID, MISFIRE_GRACE_SECONDS, build_scheduler, run_once
+from reconciler.ops.metrics import Metrics
 from reconciler.run import Seams
-from reconciler.schema import sync_runs, updates
+from reconciler.state.lock import RunLock
+from reconciler.state.schema import sync_runs, updates
 
 from .conftest import Setup
 from .processes import Daemon, all_runs, finished_runs, wait_for
@@ -29,7 +29,7 @@ FIRST_RUN = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def daemon_log(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "reconciler.daemon"]
+    return [r for r in caplog.records if r.name == "reconciler.ops.daemon"]
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_interval_and_cron_come_from_the_schedule():
 
 def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(
         people, engine_of, caplog):
-    caplog.set_level(logging.INFO, logger="reconciler.daemon")
+    caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine, metrics = engine_of(people), Metrics()
     result = run_once(people.config(), engine, Seams(), metrics)
     assert result is not None and result.status == "succeeded"
@@ -91,7 +91,7 @@ def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(
 
 
 def test_tick_finding_the_lock_held_logs_one_line_and_skips(people, engine_of, caplog):
-    caplog.set_level(logging.INFO, logger="reconciler.daemon")
+    caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine, metrics = engine_of(people), Metrics()
     with RunLock(engine):
         assert run_once(people.config(), engine, Seams(), metrics) \
@@ -103,7 +103,7 @@ def test_tick_finding_the_lock_held_logs_one_line_and_skips(people, engine_of, c
 
 
 def test_failed_run_is_recorded_and_the_next_tick_runs(people, engine_of, caplog):
-    caplog.set_level(logging.INFO, logger="reconciler.daemon")
+    caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine, metrics = engine_of(people), Metrics()
     broken = people.config_text().replace(people.warehouse.url,
                                           f"sqlite:///{people.tmp_path}/missing/source.db")
@@ -128,7 +128,7 @@ class ExplodingTransport(httpx.BaseTransport):
 
 
 def test_crash_inside_a_run_is_recorded_and_the_daemon_keeps_going(people, engine_of, caplog):
-    caplog.set_level(logging.INFO, logger="reconciler.daemon")
+    caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine = engine_of(people)
     crashed = run_once(people.config(), engine,
                        Seams(transport=ExplodingTransport()))

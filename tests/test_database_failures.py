@@ -16,7 +16,7 @@ import pytest
 from click.testing import Result
 from sqlalchemy import Engine, func, select
 
-from reconciler.schema import acked, sync_runs, updates
+from reconciler.state.schema import acked, sync_runs, updates
 
 from .conftest import PG_ADMIN, Setup
 from .helpers import cli

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from reconciler.run import Seams, sync
-from reconciler.schema import deliveries, sync_runs, updates
+from reconciler.state.schema import deliveries, sync_runs, updates
 
 from .conftest import Setup
 from .model import Source, replay

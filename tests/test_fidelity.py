@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from reconciler.schema import acked
-from reconciler.source import Unrepresentable, number_text, profile_fields, user_id_text
+from reconciler.pipeline.source import Unrepresentable, number_text, profile_fields, user_id_text
+from reconciler.state.schema import acked
 
 from .conftest import Setup
 from .helpers import cli

@@ -14,13 +14,13 @@ from sqlalchemy import Engine, func, inspect, select
 import reconciler.cli
 from reconciler.cli import main
 from reconciler.config import Safety, load_config
-from reconciler.daemon import run_once
-from reconciler.db import state_engine
 from reconciler.errors import ConfigError
-from reconciler.guard import Trip, Verdict
-from reconciler.metrics import Metrics
+from reconciler.ops.daemon import run_once
+from reconciler.ops.metrics import Metrics
+from reconciler.pipeline.guard import Trip, Verdict
 from reconciler.run import Seams
-from reconciler.schema import acked, sync_runs, updates
+from reconciler.state.db import state_engine
+from reconciler.state.schema import acked, sync_runs, updates
 
 from .conftest import Setup
 from .helpers import assert_one_clean_line
@@ -343,7 +343,7 @@ def test_sync_json_carries_the_verdict(synced):
 # --- the daemon -----------------------------------------------------------------------
 
 def test_daemon_job_halts_on_every_tick_and_the_metric_shows_it(synced, caplog):
-    caplog.set_level(logging.INFO, logger="reconciler.daemon")
+    caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     config, metrics = load_config(synced.tmp_path / "reconciler.toml", env={}), Metrics()
     sample = metrics.registry.get_sample_value
     truncate_hv(synced)
@@ -352,7 +352,7 @@ def test_daemon_job_halts_on_every_tick_and_the_metric_shows_it(synced, caplog):
         caplog.clear()
         result = run_once(config, synced.engine, Seams(), metrics)
         assert result is not None and result.status == "halted"
-        (line,) = [r for r in caplog.records if r.name == "reconciler.daemon"]
+        (line,) = [r for r in caplog.records if r.name == "reconciler.ops.daemon"]
         assert line.levelno == logging.ERROR and line.getMessage().endswith(BOTH_HALT)
         assert line.fields["status"] == "halted"
         assert sample("reconciler_runs_total", {"status": "halted"}) == tick

@@ -18,11 +18,11 @@ from sqlalchemy import Engine, insert, select, update
 
 from reconciler import run as run_module
 from reconciler.cli import main
-from reconciler.db import migrate, state_engine
 from reconciler.errors import LockHeld
-from reconciler.lock import RunLock, process_start
 from reconciler.run import Seams, sync
-from reconciler.schema import run_lock
+from reconciler.state.db import migrate, state_engine
+from reconciler.state.lock import RunLock, process_start
+from reconciler.state.schema import run_lock
 
 from .helpers import CLI_ENV
 from .receiver import Reply
@@ -82,8 +82,8 @@ def test_lock_released_after_a_run_lets_the_next_one_in(engine):
 
 
 def test_lock_of_a_killed_process_on_this_host_is_taken_over_at_once(engine, state_url):
-    code = ("import sys, time; from reconciler.db import state_engine; "
-            "from reconciler.lock import RunLock; "
+    code = ("import sys, time; from reconciler.state.db import state_engine; "
+            "from reconciler.state.lock import RunLock; "
             f"RunLock(state_engine({state_url!r})).acquire(); print('held', flush=True); "
             "time.sleep(120)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.metrics import Metrics, serve
+from reconciler.ops.metrics import Metrics, serve
 from reconciler.run import sync
 
 from .conftest import Setup

@@ -9,8 +9,8 @@ from pathlib import Path
 from alembic import command
 from sqlalchemy import inspect
 
-from reconciler.db import alembic_config, migrate, state_engine
-from reconciler.schema import metadata
+from reconciler.state.db import alembic_config, migrate, state_engine
+from reconciler.state.schema import metadata
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ webhook_url = "https://hooks.example.com/x"
     assert done.returncode == 0, done.stderr
     probe = subprocess.run([sys.executable, "-c", code.replace(
         "from reconciler.cli import main; main()",
-        "import reconciler.db as d; print(d.migrations_dir())"), str(site)],
+        "import reconciler.state.db as d; print(d.migrations_dir())"), str(site)],
         cwd=tmp_path, capture_output=True, text=True, check=True)
     assert probe.stdout.strip().startswith(str(site))
     assert str(REPO) not in probe.stdout  # the wheel's copy, not the source tree's
@@ -75,6 +75,6 @@ def test_head_revision_constant_matches_the_migration_scripts():
     """`migrate` skips Alembic when the database is at HEAD_REVISION: it must be the head."""
     from alembic.script import ScriptDirectory
 
-    from reconciler.db import HEAD_REVISION
+    from reconciler.state.db import HEAD_REVISION
 
     assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION

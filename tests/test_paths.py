@@ -75,7 +75,7 @@ def test_the_default_state_database_sits_next_to_the_config(tmp_path, receiver, 
     text = path.read_text()
     path.write_text(text.replace('[database]\nurl = "sqlite:///state.db"\n', ""))
     assert cli("migrate", "--config", str(path)).exit_code == 0
-    assert (setup.tmp_path / "reconciler.db").exists() and list(elsewhere.iterdir()) == []
+    assert (setup.tmp_path / "reconciler.state.db").exists() and list(elsewhere.iterdir()) == []
 
 
 def test_a_relative_source_path_that_does_not_exist_names_the_absolute_path(

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from reconciler.run import RunResult, Seams, dry_run, sync
-from reconciler.schema import acked, sync_runs, updates
+from reconciler.state.schema import acked, sync_runs, updates
 
 from .conftest import Setup
 from .receiver import Reply

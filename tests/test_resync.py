@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from reconciler.schema import sync_runs, updates
+from reconciler.state.schema import sync_runs, updates
 
 from .conftest import Setup
 from .helpers import custom

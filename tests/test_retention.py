@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select, update
 
 from reconciler.cli import main
-from reconciler.lock import RunLock
-from reconciler.retention import prune
 from reconciler.run import RunResult, Seams, sync
-from reconciler.schema import ack_versions, acked, changes, deliveries, sync_runs, updates
+from reconciler.state.lock import RunLock
+from reconciler.state.retention import prune
+from reconciler.state.schema import ack_versions, acked, changes, deliveries, sync_runs, updates
 
 from .conftest import Setup
 from .receiver import Reply

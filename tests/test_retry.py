@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from reconciler.config import Destination
-from reconciler.retry import (
+from reconciler.delivery.retry import (
     Acknowledged,
     AttemptRecord,
     Follow,

@@ -29,7 +29,7 @@ from reconciler.redact import (
     mask_database_url,
     mask_webhook,
 )
-from reconciler.schema import deliveries, metadata
+from reconciler.state.schema import deliveries, metadata
 
 from .conftest import Setup
 from .helpers import assert_one_clean_line, cli

@@ -24,12 +24,12 @@ from sqlalchemy import select
 
 from reconciler.cli import main
 from reconciler.config import Destination, load_config
-from reconciler.pacing import SPACING, WINDOW, Pacer
-from reconciler.retry import retry_after_seconds
+from reconciler.delivery.pacing import SPACING, WINDOW, Pacer
+from reconciler.delivery.retry import retry_after_seconds
+from reconciler.delivery.sender import Delivery, Job, Sender
 from reconciler.run import Seams, sync
-from reconciler.schema import deliveries, sync_runs, updates
 from reconciler.secret import Secret
-from reconciler.sender import Delivery, Job, Sender
+from reconciler.state.schema import deliveries, sync_runs, updates
 
 from .conftest import Setup
 from .helpers import CLI_ENV

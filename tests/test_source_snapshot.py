@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, event, select
 
 from reconciler.cli import main
-from reconciler.schema import sync_runs
+from reconciler.state.schema import sync_runs
 
 from .conftest import Setup
 from .helpers import clean_env

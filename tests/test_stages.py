@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Connection, Engine, insert, select
 
-from reconciler import workspace
 from reconciler.config import Entry
-from reconciler.db import migrate, state_engine
-from reconciler.diff import fill_diff, fill_run_keys
-from reconciler.plan import fill_plan, message_id
-from reconciler.schema import ack_versions, acked
+from reconciler.pipeline import workspace
+from reconciler.pipeline.diff import fill_diff, fill_run_keys
+from reconciler.pipeline.plan import fill_plan, message_id
+from reconciler.state.db import migrate, state_engine
+from reconciler.state.schema import ack_versions, acked
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 HV = Entry("audience", "High Value", "high_value", "-")

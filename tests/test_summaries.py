@@ -12,8 +12,8 @@ from rich.console import Console
 from sqlalchemy import select
 
 from reconciler.config import Schedule
-from reconciler.daemon import describe
-from reconciler.schema import sync_runs
+from reconciler.ops.daemon import describe
+from reconciler.state.schema import sync_runs
 from reconciler.views import progress_bar
 
 from .conftest import Setup

@@ -14,7 +14,7 @@ from rich.console import Console
 from sqlalchemy import insert
 
 from reconciler import views
-from reconciler.schema import sync_runs
+from reconciler.state.schema import sync_runs
 from reconciler.tables import NUMBER, TEXT, Column, print_table
 from reconciler.views import error_gist
 

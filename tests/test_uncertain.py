@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
-from reconciler.schema import sync_runs, uncertain_keys, updates
+from reconciler.state.schema import sync_runs, uncertain_keys, updates
 
 from .conftest import Setup
 from .helpers import clean_env

@@ -17,18 +17,18 @@ from alembic import command
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from reconciler.config import Entry
-from reconciler.db import alembic_config, migrate, migration_connection, state_engine
-from reconciler.diff import fill_diff, fill_run_keys
-from reconciler.ledger import (
+from reconciler.delivery.retry import AttemptRecord
+from reconciler.pipeline.diff import fill_diff, fill_run_keys
+from reconciler.pipeline.snapshot import create_temp_tables
+from reconciler.state.db import alembic_config, migrate, migration_connection, state_engine
+from reconciler.state.ledger import (
     acknowledge,
     mark_left_in_flight,
     record_deliveries,
     start_run,
 )
-from reconciler.retention import prune
-from reconciler.retry import AttemptRecord
-from reconciler.schema import acked, changes, sync_runs, uncertain_keys, updates
-from reconciler.snapshot import create_temp_tables
+from reconciler.state.retention import prune
+from reconciler.state.schema import acked, changes, sync_runs, uncertain_keys, updates
 
 A, B, LTV = "audience_a", "audience_b", "lifetime_value"
 ENTRIES = {A: Entry("audience", "Audience A", A, "-"), B: Entry("audience", "Audience B", B, "-"),

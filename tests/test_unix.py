@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from reconciler.cli import BROKEN_PIPE_STATUS, main
-from reconciler.schema import sync_runs
+from reconciler.state.schema import sync_runs
 
 from .conftest import Setup
 from .helpers import assert_one_clean_line, clean_env, cli

@@ -5,8 +5,8 @@ contacts in the same tables. `entity` (`contact` | `customer`) says which one a 
 is about; for customer rows `user_id` holds the account's group_id. Every existing row
 is a contact. The acknowledged state and the per-id version counter are keyed by
 entity too, so a user and an account with the same id text never share state.
-`uncertain_keys` gets the entity too. `entry_keys.entity` records which kind an audience or trait key belongs to, and
-`sync_runs` counts accounts (SPEC §7).
+`uncertain_keys` gets the entity too. `entry_keys.entity` records which kind an
+audience or trait key belongs to, and `sync_runs` counts accounts (SPEC §7).
 
 Revision ID: 0006
 Revises: 0005

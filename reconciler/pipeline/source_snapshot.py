@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import database_error
+from reconciler.state.db import database_error
 
 
 @dataclass(frozen=True)

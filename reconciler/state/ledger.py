@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 
-from .schema import deliveries, sync_runs, uncertain_keys, updates
+from reconciler.state.schema import deliveries, sync_runs, uncertain_keys, updates
 
 if TYPE_CHECKING:  # the delivery layer defines it; importing it here would load httpx
-    from .retry import AttemptRecord
+    from reconciler.delivery.retry import AttemptRecord
 
 LIVE = ("pending", "rejected")
 

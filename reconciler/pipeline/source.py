@@ -27,9 +27,9 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import source_query_error
-from .errors import SourceEntryError
-from .schema import USER_ID
+from reconciler.errors import SourceEntryError
+from reconciler.state.db import source_query_error
+from reconciler.state.schema import USER_ID
 
 CHUNK_ROWS = 10_000
 TRUE = "true"

@@ -28,9 +28,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from .backend import Backend
-from .errors import LockHeld
-from .schema import run_lock
+from reconciler.errors import LockHeld
+from reconciler.state.backend import Backend
+from reconciler.state.schema import run_lock
 
 LEASE = timedelta(seconds=60)
 RENEW_EVERY = 15.0

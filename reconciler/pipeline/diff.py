@@ -29,10 +29,10 @@ from collections.abc import Collection
 
 from sqlalchemy import Connection
 
-from .backend import Backend
-from .config import Entry
-from .schema import ENTITIES
-from .source import FALSE, TRUE
+from reconciler.config import Entry
+from reconciler.pipeline.source import FALSE, TRUE
+from reconciler.state.backend import Backend
+from reconciler.state.schema import ENTITIES
 
 
 def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str],

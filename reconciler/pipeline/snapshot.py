@@ -23,13 +23,13 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from . import workspace
-from .backend import Backend
-from .config import PROFILE_FIELDS, Config, Entry
-from .errors import SourceEntryError
-from .fields import field_keys, insert_field_rows, load_accounts
-from .source import TRUE, ReadStats, profile_fields, read_rows, trait_json
-from .source_snapshot import SourceSnapshot
+from reconciler.config import PROFILE_FIELDS, Config, Entry
+from reconciler.errors import SourceEntryError
+from reconciler.pipeline import workspace
+from reconciler.pipeline.fields import field_keys, insert_field_rows, load_accounts
+from reconciler.pipeline.source import TRUE, ReadStats, profile_fields, read_rows, trait_json
+from reconciler.pipeline.source_snapshot import SourceSnapshot
+from reconciler.state.backend import Backend
 
 
 @dataclass

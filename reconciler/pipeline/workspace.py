@@ -38,7 +38,7 @@ from sqlalchemy import (
     text,
 )
 
-from .backend import Backend
+from reconciler.state.backend import Backend
 
 metadata = MetaData()
 

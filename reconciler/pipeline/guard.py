@@ -29,9 +29,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
-from .config import Config, Safety
-from .errors import UsageError
-from .source import FALSE, TRUE
+from reconciler.config import Config, Safety
+from reconciler.errors import UsageError
+from reconciler.pipeline.source import FALSE, TRUE
 
 ALL = "all"  # `--accept-exits all`: every audience
 

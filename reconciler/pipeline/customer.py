@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .contact import is_valid_email, iso_millis
+from reconciler.pipeline.contact import is_valid_email, iso_millis
 
 ACTION_TYPE = "Send Customer"
 TEXT_FIELDS = ("name", "description")

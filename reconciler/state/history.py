@@ -14,10 +14,10 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
-from .causes import attempt_causes
-from .contact import NOTE_EMAIL, NOTE_LINKED_IN
-from .errors import UsageError
-from .schema import acked, changes, deliveries, sync_runs, updates
+from reconciler.errors import UsageError
+from reconciler.pipeline.contact import NOTE_EMAIL, NOTE_LINKED_IN
+from reconciler.state.causes import attempt_causes
+from reconciler.state.schema import acked, changes, deliveries, sync_runs, updates
 
 RUN_FIELDS = [c.name for c in sync_runs.columns]
 

@@ -20,19 +20,25 @@ from datetime import datetime
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from .config import Config
-from .db import database_error, source_engine
-from .diff import fill_diff, fill_run_keys
-from .errors import RunHalted
-from .guard import Verdict, audience_keys, proceed_command
-from .guard import check as check_exits
-from .ledger import commit_plan, count_pending, update_run
-from .outcome import SEND_ORDER, DryRunReport, RunRequest
-from .plan import PlanCounts, count_diff, fill_plan
-from .schema import updates
-from .snapshot import Snapshot, create_temp_tables, drop_temp_tables, load_profile, take_snapshot
-from .source import TRUE
-from .source_snapshot import begin_snapshot
+from reconciler.config import Config
+from reconciler.errors import RunHalted
+from reconciler.outcome import SEND_ORDER, DryRunReport, RunRequest
+from reconciler.pipeline.diff import fill_diff, fill_run_keys
+from reconciler.pipeline.guard import Verdict, audience_keys, proceed_command
+from reconciler.pipeline.guard import check as check_exits
+from reconciler.pipeline.plan import PlanCounts, count_diff, fill_plan
+from reconciler.pipeline.snapshot import (
+    Snapshot,
+    create_temp_tables,
+    drop_temp_tables,
+    load_profile,
+    take_snapshot,
+)
+from reconciler.pipeline.source import TRUE
+from reconciler.pipeline.source_snapshot import begin_snapshot
+from reconciler.state.db import database_error, source_engine
+from reconciler.state.ledger import commit_plan, count_pending, update_run
+from reconciler.state.schema import updates
 
 
 @dataclass(frozen=True)

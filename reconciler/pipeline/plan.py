@@ -22,10 +22,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from .backend import Backend
-from .contact import build_contact
-from .customer import build_customer
-from .source import TRUE
+from reconciler.pipeline.contact import build_contact
+from reconciler.pipeline.customer import build_customer
+from reconciler.pipeline.source import TRUE
+from reconciler.state.backend import Backend
 
 BATCH = 5_000
 

@@ -24,13 +24,20 @@ import httpx
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .causes import cause_of
-from .config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config, is_loopback_host, load_config
-from .db import HEAD_REVISION, database_error, migrate, shown_url, source_engine, state_engine
-from .errors import ConfigError, DatabaseError, SourceEntryError
-from .fields import account_fields
-from .redact import mask_webhook
-from .source import ReadStats, profile_fields, read_rows, trait_json
+from reconciler.config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config, is_loopback_host, load_config
+from reconciler.errors import ConfigError, DatabaseError, SourceEntryError
+from reconciler.pipeline.fields import account_fields
+from reconciler.pipeline.source import ReadStats, profile_fields, read_rows, trait_json
+from reconciler.redact import mask_webhook
+from reconciler.state.causes import cause_of
+from reconciler.state.db import (
+    HEAD_REVISION,
+    database_error,
+    migrate,
+    shown_url,
+    source_engine,
+    state_engine,
+)
 
 SAMPLE_ROWS = 5
 _COLUMNS = {("contact", "audience"): ("user_id",), ("contact", "trait"): ("user_id", "value"),

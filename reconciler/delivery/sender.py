@@ -44,12 +44,10 @@ from datetime import UTC, datetime
 
 import httpx
 
-from .concurrency import Concurrency, Gate, Handoff
-from .config import Destination
-from .contact import with_sent_at
-from .pacing import Clock, Pacer, Sleep
-from .redact import Redactor
-from .retry import (
+from reconciler.config import Destination
+from reconciler.delivery.concurrency import Concurrency, Gate, Handoff
+from reconciler.delivery.pacing import Clock, Pacer, Sleep
+from reconciler.delivery.retry import (
     Acknowledged,
     Answer,
     AttemptRecord,
@@ -64,6 +62,8 @@ from .retry import (
     Verdict,
     give_up,
 )
+from reconciler.pipeline.contact import with_sent_at
+from reconciler.redact import Redactor
 
 ERROR_EXCERPT = 500
 RETRY_AFTER_EXCERPT = 40

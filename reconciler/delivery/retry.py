@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Literal
 
 import httpx
 
-from .config import is_loopback_host
-from .redact import mask_webhook
+from reconciler.config import is_loopback_host
+from reconciler.redact import mask_webhook
 
 if TYPE_CHECKING:
-    from .config import Destination
+    from reconciler.config import Destination
 
 RETRYABLE = frozenset({408, 423, 429} | {s for s in range(500, 600) if s != 501})
 # Retryable answers that say the request was turned away before any work was done.

@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, and_, delete, exists, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from .db import database_error
-from .ledger import LIVE
-from .lock import RunLock
-from .schema import changes, deliveries, sync_runs, uncertain_keys, updates
+from reconciler.state.db import database_error
+from reconciler.state.ledger import LIVE
+from reconciler.state.lock import RunLock
+from reconciler.state.schema import changes, deliveries, sync_runs, uncertain_keys, updates
 
 log = logging.getLogger(__name__)
 

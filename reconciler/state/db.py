@@ -19,8 +19,8 @@ from sqlalchemy.pool import NullPool
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-from .errors import DatabaseError
-from .redact import Redactor, mask_database_url
+from reconciler.errors import DatabaseError
+from reconciler.redact import Redactor, mask_database_url
 
 # Each engine's URL as the user wrote it (`postgresql://`, before normalize_url picks the
 # driver), for messages.

@@ -25,10 +25,17 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from .backend import Backend
-from .config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config
-from .errors import SourceEntryError
-from .source import ReadStats, Unrepresentable, is_blank, read_rows, to_json, user_id_text
+from reconciler.config import ACCOUNT_FIELDS, PROFILE_FIELDS, Config
+from reconciler.errors import SourceEntryError
+from reconciler.pipeline.source import (
+    ReadStats,
+    Unrepresentable,
+    is_blank,
+    read_rows,
+    to_json,
+    user_id_text,
+)
+from reconciler.state.backend import Backend
 
 FIELD_PREFIX = "@"
 ACCOUNTS = "[accounts]"
@@ -88,7 +95,7 @@ def load_accounts(query: str, source: Connection, state: Connection) -> int:
     the query's rows cannot be used (a missing column, an unrepresentable value): the
     run fails, as for the profile, since account bodies could not be built right.
     """
-    from .snapshot import _load  # here: snapshot.py imports this module
+    from reconciler.pipeline.snapshot import _load  # here: snapshot.py imports this module
 
     stats = ReadStats()
     _load(state, "account_raw", ("group_id", "user_id", "data"),

@@ -36,13 +36,13 @@ from prometheus_client import disable_created_metrics
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .config import Config, Schedule
-from .crontab import cron_trigger
-from .db import database_error
-from .errors import ConfigError, LockHeld, ReconcilerError
-from .metrics import Metrics, serve
-from .run import RunRequest, RunResult, Seams, sync
-from .summaries import run_line
+from reconciler.config import Config, Schedule
+from reconciler.errors import ConfigError, LockHeld, ReconcilerError
+from reconciler.ops.crontab import cron_trigger
+from reconciler.ops.metrics import Metrics, serve
+from reconciler.run import RunRequest, RunResult, Seams, sync
+from reconciler.state.db import database_error
+from reconciler.summaries import run_line
 
 JOB_ID = "reconciler-sync"
 SCHEDULED = RunRequest(trigger="schedule")

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from sqlalchemy import Engine, func, select
 
-from .outcome import RunResult
-from .schema import ENTITIES, sync_runs, updates
+from reconciler.outcome import RunResult
+from reconciler.state.schema import ENTITIES, sync_runs, updates
 
 STATUSES = ("succeeded", "partial", "failed", "halted")
 OUTCOMES = ("sent", "failed", "skipped")

@@ -19,13 +19,19 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine
 
-from .config import Config
-from .ledger import count_pending, mark_in_flight, pending_page, record_deliveries, update_run
-from .lock import RunLock
-from .outcome import SEND_ORDER, Seams
+from reconciler.config import Config
+from reconciler.outcome import SEND_ORDER, Seams
+from reconciler.state.ledger import (
+    count_pending,
+    mark_in_flight,
+    pending_page,
+    record_deliveries,
+    update_run,
+)
+from reconciler.state.lock import RunLock
 
 if TYPE_CHECKING:
-    from .sender import Delivery, Job
+    from reconciler.delivery.sender import Delivery, Job
 
 PAGE = 200  # updates marked in flight at a time, a little ahead of the senders
 FLUSH_EVERY = 100
@@ -61,7 +67,9 @@ def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams,
             if seams.progress:
                 seams.progress(0, 0)
             return Sent(by_kind=_pending_by_kind(conn, _Tally()))
-        from .sender import Sender  # httpx and the retry machinery, only when needed
+        from reconciler.delivery.sender import (
+            Sender,  # httpx and the retry machinery, only when needed
+        )
 
         tally = _Tally()
         with Sender(config.destination, stops=(seams.stop, lock.lost),
@@ -99,7 +107,7 @@ def _pending_by_kind(conn: Connection, tally: _Tally) -> dict[str, dict[str, int
 def _jobs(conn: Connection, entity: str) -> Iterator[Job]:
     """Pending updates of one kind, oldest first, each page marked in flight before it
     is sent."""
-    from .sender import Job
+    from reconciler.delivery.sender import Job
 
     after = 0
     while page := pending_page(conn, after, PAGE, entity):

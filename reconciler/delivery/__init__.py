@@ -1,0 +1,1 @@
+"""Sending planned updates to the webhook: pacing, retries, redirects."""

@@ -1,0 +1,1 @@
+"""Running it unattended: daemon and schedule, metrics, logs, checks."""

@@ -1,0 +1,1 @@
+"""From source rows to planned updates: snapshot, diff, guard, plan, bodies."""

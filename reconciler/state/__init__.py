@@ -1,0 +1,1 @@
+"""The state database: schema, engines, durable writes, lock, history, retention."""
