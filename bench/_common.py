@@ -32,8 +32,12 @@ PG_BENCH_DB = "reconciler_bench"  # the CLI's state
 PG_FLOOR_DB = "reconciler_bench_floor"  # the floor's state, beside it
 
 # Variables that would silently override the config files the benchmark writes (SPEC §3).
-_OVERRIDING_ENV = ("RECONCILER_CONFIG", "RECONCILER_DATABASE_URL", "RECONCILER_SOURCE_URL",
-                   "CHARTMOGUL_WEBHOOK_URL")
+_OVERRIDING_ENV = (
+    "RECONCILER_CONFIG",
+    "RECONCILER_DATABASE_URL",
+    "RECONCILER_SOURCE_URL",
+    "CHARTMOGUL_WEBHOOK_URL",
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,9 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_measured(argv: Sequence[str | os.PathLike[str]], *, timeout: float,
-                 cwd: Path | None = None) -> Measured:
+def run_measured(
+    argv: Sequence[str | os.PathLike[str]], *, timeout: float, cwd: Path | None = None
+) -> Measured:
     """Run ``argv`` to completion and measure it as a whole process.
 
     The command runs under ``_measure.py``, which times it with ``time.perf_counter``
@@ -78,9 +83,15 @@ def run_measured(argv: Sequence[str | os.PathLike[str]], *, timeout: float,
         wrapper = [str(PYTHON), "-I", "-S", str(BENCH / "_measure.py"), str(result)]
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         with out.open("wb") as out_file, err.open("wb") as err_file:
-            proc = subprocess.Popen([*wrapper, *args], stdout=out_file, stderr=err_file,
-                                    stdin=subprocess.DEVNULL, cwd=cwd, env=child_env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [*wrapper, *args],
+                stdout=out_file,
+                stderr=err_file,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=child_env(),
+                start_new_session=True,
+            )
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -90,8 +101,15 @@ def run_measured(argv: Sequence[str | os.PathLike[str]], *, timeout: float,
         if not result.exists():
             return Measured(args, timeout, float("nan"), -9, stdout, stderr)
         cost = json.loads(result.read_text())
-        return Measured(args, cost["seconds"], cost["maxrss_kb"] / 1024.0, cost["returncode"],
-                        stdout, stderr, cost.get("cpu_seconds", float("nan")))
+        return Measured(
+            args,
+            cost["seconds"],
+            cost["maxrss_kb"] / 1024.0,
+            cost["returncode"],
+            stdout,
+            stderr,
+            cost.get("cpu_seconds", float("nan")),
+        )
 
 
 def _kill_group(pid: int) -> None:
@@ -182,8 +200,14 @@ def cli_available() -> tuple[bool, str]:
     """Whether ``.venv/bin/reconciler --help`` runs; with a one-line reason when not."""
     if not RECONCILER.exists():
         return False, f"{RECONCILER.relative_to(REPO)} is not installed (pip install -e . first)"
-    done = subprocess.run([str(RECONCILER), "--help"], capture_output=True, text=True,
-                          timeout=60, env=child_env(), check=False)
+    done = subprocess.run(
+        [str(RECONCILER), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return False, f"`reconciler --help` exited {done.returncode}: {last}"

@@ -76,8 +76,9 @@ class Bench:
         self.figures.append(figure)
         ratio = f", ratio {figure.ratio:.2f}" if figure.ratio is not None else ""
         value = "-" if figure.value is None else f"{figure.value:.3f}"
-        log(f"  => {figure.name} [{figure.backend}, {figure.users:,}]: "
-            f"{value} {figure.unit}{ratio}")
+        log(
+            f"  => {figure.name} [{figure.backend}, {figure.users:,}]: {value} {figure.unit}{ratio}"
+        )
 
 
 def log(message: str) -> None:
@@ -107,23 +108,51 @@ def peak_rss(runs: Sequence[Measured]) -> float:
     return max((m.peak_rss_mb for m in runs), default=float("nan"))
 
 
-def write_config(path: Path, state_url: str, source: Path, webhook: str, *,
-                 rps: float = 0, concurrency: int = 20, accounts: bool = False) -> Path:
+def write_config(
+    path: Path,
+    state_url: str,
+    source: Path,
+    webhook: str,
+    *,
+    rps: float = 0,
+    concurrency: int = 20,
+    accounts: bool = False,
+) -> Path:
     """Write a config file (SPEC §3; with ``accounts``, §9 too) for the generated source
     and return its path."""
     q = json.dumps  # these JSON strings are valid TOML basic strings
-    lines = ["[database]", f"url = {q(state_url)}", "", "[source]",
-             f"url = {q(f'sqlite:///{source}')}", "", "[destination]",
-             f"webhook_url = {q(webhook)}", f"requests_per_second = {rps}",
-             f"max_concurrency = {concurrency}", "", "[profile]", f"query = {q(PROFILE_QUERY)}"]
+    lines = [
+        "[database]",
+        f"url = {q(state_url)}",
+        "",
+        "[source]",
+        f"url = {q(f'sqlite:///{source}')}",
+        "",
+        "[destination]",
+        f"webhook_url = {q(webhook)}",
+        f"requests_per_second = {rps}",
+        f"max_concurrency = {concurrency}",
+        "",
+        "[profile]",
+        f"query = {q(PROFILE_QUERY)}",
+    ]
     for name, query in audience_queries():
         lines += ["", "[[audiences]]", f"name = {q(name)}", f"query = {q(query)}"]
     lines += ["", "[[traits]]", f"name = {q(TRAIT)}", f"query = {q(TRAIT_QUERY)}", ""]
     if accounts:
-        lines += ["[accounts]", f"query = {q(ACCOUNTS_QUERY)}", "", "[[account_audiences]]",
-                  f"name = {q(ACCOUNT_AUDIENCE)}", f"query = {q(ACCOUNT_AUDIENCE_QUERY)}", "",
-                  "[[account_traits]]", f"name = {q(ACCOUNT_TRAIT)}",
-                  f"query = {q(ACCOUNT_TRAIT_QUERY)}", ""]
+        lines += [
+            "[accounts]",
+            f"query = {q(ACCOUNTS_QUERY)}",
+            "",
+            "[[account_audiences]]",
+            f"name = {q(ACCOUNT_AUDIENCE)}",
+            f"query = {q(ACCOUNT_AUDIENCE_QUERY)}",
+            "",
+            "[[account_traits]]",
+            f"name = {q(ACCOUNT_TRAIT)}",
+            f"query = {q(ACCOUNT_TRAIT_QUERY)}",
+            "",
+        ]
     path.write_text("\n".join(lines))
     return path
 
@@ -162,29 +191,52 @@ class Cli:
             return None
         argv = [str(RECONCILER), *args, "--config", str(self.config)]
         measured = run_measured(argv, timeout=timeout_for(self.users))
-        log(f"    reconciler {' '.join(args)}: exit {measured.returncode}, "
-            f"{measured.seconds:.2f} s, {measured.peak_rss_mb:.0f} MB")
+        log(
+            f"    reconciler {' '.join(args)}: exit {measured.returncode}, "
+            f"{measured.seconds:.2f} s, {measured.peak_rss_mb:.0f} MB"
+        )
         if measured.returncode != 0:
             self.failed = True
-            self.b.errors.append(f"{self.label}: reconciler {' '.join(args)} exited "
-                                 f"{measured.returncode}: {measured.tail(3)}")
+            self.b.errors.append(
+                f"{self.label}: reconciler {' '.join(args)} exited "
+                f"{measured.returncode}: {measured.tail(3)}"
+            )
             log(f"    FAILED: {measured.tail()}")
             return None
         return measured
 
 
 @contextmanager
-def cli_session(b: Bench, backend: str, source: Path, tag: str, users: int, *,
-                rps: float = 0, concurrency: int = 20, accounts: bool = False) -> Iterator[Cli]:
+def cli_session(
+    b: Bench,
+    backend: str,
+    source: Path,
+    tag: str,
+    users: int,
+    *,
+    rps: float = 0,
+    concurrency: int = 20,
+    accounts: bool = False,
+) -> Iterator[Cli]:
     """A ``Cli`` on a fresh, migrated state database (an inert one without the CLI)."""
     if not b.cli_ok:
         yield Cli(b, None, users, tag)
         return
     with fresh_state(backend, b.workdir, tag) as state:
-        url = (state.replace("postgresql://", "postgresql+psycopg://", 1)
-               if backend == "postgresql" else f"sqlite:///{state}")
-        config = write_config(b.workdir / f"{tag}-{backend}.toml", url, source, b.receiver.url,
-                              rps=rps, concurrency=concurrency, accounts=accounts)
+        url = (
+            state.replace("postgresql://", "postgresql+psycopg://", 1)
+            if backend == "postgresql"
+            else f"sqlite:///{state}"
+        )
+        config = write_config(
+            b.workdir / f"{tag}-{backend}.toml",
+            url,
+            source,
+            b.receiver.url,
+            rps=rps,
+            concurrency=concurrency,
+            accounts=accounts,
+        )
         cli = Cli(b, config, users, f"{tag}/{backend}/{users:,}")
         cli("migrate")
         yield cli
@@ -194,8 +246,12 @@ class Floor:
     """``floor.py`` against one state database: measured runs of both methods, and ``ack``."""
 
     def __init__(self, backend: str, source: Path, state: str) -> None:
-        self.where = ["--source", str(source),
-                      "--pg" if backend == "postgresql" else "--sqlite", state]
+        self.where = [
+            "--source",
+            str(source),
+            "--pg" if backend == "postgresql" else "--sqlite",
+            state,
+        ]
         self.runs: dict[str, list[Measured]] = {m: [] for m in FLOOR_METHODS}
         self.last: dict[str, Any] = {}
 
@@ -206,17 +262,23 @@ class Floor:
     def measure(self) -> None:
         """One measured run of each method, kept for ``medians``."""
         for method in FLOOR_METHODS:
-            measured = checked(run_measured(self._argv("run", "--method", method),
-                                            timeout=timeout_for(0)), f"floor {method}")
+            measured = checked(
+                run_measured(self._argv("run", "--method", method), timeout=timeout_for(0)),
+                f"floor {method}",
+            )
             self.runs[method].append(measured)
             self.last = json.loads(measured.stdout)
-        log("    floor: " + ", ".join(f"{m} {self.runs[m][-1].seconds:.2f} s"
-                                      for m in FLOOR_METHODS))
+        log(
+            "    floor: "
+            + ", ".join(f"{m} {self.runs[m][-1].seconds:.2f} s" for m in FLOOR_METHODS)
+        )
 
     def setup_run(self) -> None:
         """An unmeasured run, so that the snapshot table holds the current source."""
-        checked(run_measured(self._argv("run", "--method", "sql"), timeout=timeout_for(0)),
-                "floor setup run")
+        checked(
+            run_measured(self._argv("run", "--method", "sql"), timeout=timeout_for(0)),
+            "floor setup run",
+        )
 
     def ack(self) -> None:
         """Make the floor's acknowledged state equal to its snapshot (unmeasured)."""
@@ -235,8 +297,15 @@ class Floor:
 
 def floor_figure(name: str, backend: str, users: int, floor: dict[str, Any]) -> Figure:
     """A row showing a floor measurement itself."""
-    return Figure(f"floor {name}", backend, users, floor["best"], "s", rss_mb=floor["rss_mb"],
-                  extra={m: floor[m] for m in (*FLOOR_METHODS, "counts", "phases")})
+    return Figure(
+        f"floor {name}",
+        backend,
+        users,
+        floor["best"],
+        "s",
+        rss_mb=floor["rss_mb"],
+        extra={m: floor[m] for m in (*FLOOR_METHODS, "counts", "phases")},
+    )
 
 
 def raw_send(b: Bench, mode: str, bodies: list[str], *, delay: float = 0.0) -> dict[str, Any]:
@@ -251,8 +320,10 @@ def raw_send(b: Bench, mode: str, bodies: list[str], *, delay: float = 0.0) -> d
     result: dict[str, Any] = json.loads(measured.stdout)
     result["cpu_seconds"] = measured.cpu_seconds
     result["receiver"] = b.receiver.stats()
-    log(f"    raw {mode}: {result['requests']} in {result['seconds']:.2f} s "
-        f"({result['receiver']['rate']:.0f}/s at the receiver)")
+    log(
+        f"    raw {mode}: {result['requests']} in {result['seconds']:.2f} s "
+        f"({result['receiver']['rate']:.0f}/s at the receiver)"
+    )
     return result
 
 

@@ -24,8 +24,10 @@ def main() -> int:
     code = os.waitstatus_to_exitcode(status)
     cpu = usage.ru_utime + usage.ru_stime
     with open(result, "w") as out:
-        out.write(f'{{"seconds": {seconds!r}, "cpu_seconds": {cpu!r}, '
-                  f'"maxrss_kb": {usage.ru_maxrss}, "returncode": {code}}}')
+        out.write(
+            f'{{"seconds": {seconds!r}, "cpu_seconds": {cpu!r}, '
+            f'"maxrss_kb": {usage.ru_maxrss}, "returncode": {code}}}'
+        )
     return code if code >= 0 else 128 - code
 
 

@@ -39,14 +39,36 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def table(figures: list[Figure]) -> str:
     """The figures as an aligned text table (notes below it)."""
-    header = ("figure", "backend", "users", "median", "unit", "baseline", "ratio", "target",
-              "met", "peak RSS MB")
+    header = (
+        "figure",
+        "backend",
+        "users",
+        "median",
+        "unit",
+        "baseline",
+        "ratio",
+        "target",
+        "met",
+        "peak RSS MB",
+    )
     rows = [header]
     notes: list[str] = []
     for f in figures:
         met = {True: "yes", False: "NO", None: "-"}[f.ok]
-        rows.append((f.name, f.backend, f"{f.users:,}", _fmt(f.value), f.unit, _fmt(f.baseline),
-                     _fmt(f.ratio), f.target, met, _fmt(f.rss_mb, 0)))
+        rows.append(
+            (
+                f.name,
+                f.backend,
+                f"{f.users:,}",
+                _fmt(f.value),
+                f.unit,
+                _fmt(f.baseline),
+                _fmt(f.ratio),
+                f.target,
+                met,
+                _fmt(f.rss_mb, 0),
+            )
+        )
         if f.note:
             notes.append(f"  [{len(rows) - 1}] {f.name} ({f.backend}): {f.note}")
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
@@ -62,11 +84,23 @@ def table(figures: list[Figure]) -> str:
 
 def json_line(figures: list[Figure], settings: dict[str, Any], errors: list[str]) -> str:
     """Everything as one JSON line: settings, environment, figures and errors."""
-    environment = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-                   "machine": platform.machine(), "cpus": _cpus()}
-    return json.dumps({"bench": "reconciler", "settings": settings, "environment": environment,
-                       "figures": [asdict(f) for f in figures], "errors": errors},
-                      default=str, separators=(",", ":"))
+    environment = {
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "machine": platform.machine(),
+        "cpus": _cpus(),
+    }
+    return json.dumps(
+        {
+            "bench": "reconciler",
+            "settings": settings,
+            "environment": environment,
+            "figures": [asdict(f) for f in figures],
+            "errors": errors,
+        },
+        default=str,
+        separators=(",", ":"),
+    )
 
 
 def _cpus() -> int:

@@ -82,8 +82,7 @@ class Counts:
 
 def _usable(query: str, columns: str) -> str:
     """``query`` wrapped so that rows without a user id (or, for traits, a value) drop out."""
-    return (f"SELECT {columns} FROM ({query}) AS q "
-            "WHERE q.user_id IS NOT NULL AND q.user_id <> ''")
+    return f"SELECT {columns} FROM ({query}) AS q WHERE q.user_id IS NOT NULL AND q.user_id <> ''"
 
 
 def snapshot_cursors(source: sqlite3.Connection) -> Iterator[tuple[str, sqlite3.Cursor]]:
@@ -94,8 +93,10 @@ def snapshot_cursors(source: sqlite3.Connection) -> Iterator[tuple[str, sqlite3.
     """
     for n, (_, query) in enumerate(audience_queries(), 1):
         yield f"audience:{n}", source.execute(_usable(query, "q.user_id, 1"))
-    yield "trait", source.execute(_usable(TRAIT_QUERY, "q.user_id, q.value")
-                                  + " AND q.value IS NOT NULL")
+    yield (
+        "trait",
+        source.execute(_usable(TRAIT_QUERY, "q.user_id, q.value") + " AND q.value IS NOT NULL"),
+    )
 
 
 def profile_cursor(source: sqlite3.Connection) -> sqlite3.Cursor:
@@ -149,8 +150,9 @@ class SqliteState:
 
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None)
-        self.conn.executescript("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
-                                + SQLITE_SCHEMA)
+        self.conn.executescript(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;" + SQLITE_SCHEMA
+        )
 
     def load(self, cursors: Iterable[tuple[str, sqlite3.Cursor]]) -> None:
         """Replace the snapshot with the cursors' rows inside the open transaction.
@@ -183,8 +185,9 @@ class SqliteState:
 
     def acknowledge(self) -> None:
         """Make the acknowledged state equal to the snapshot (setup, not measured)."""
-        self.conn.executescript("BEGIN; DELETE FROM acked; INSERT INTO acked SELECT * FROM snap;"
-                                " COMMIT;")
+        self.conn.executescript(
+            "BEGIN; DELETE FROM acked; INSERT INTO acked SELECT * FROM snap; COMMIT;"
+        )
 
 
 class PostgresState:
@@ -255,8 +258,9 @@ def _dedup_adjacent(rows: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]
             yield row
 
 
-def run(source: Path, state: SqliteState | PostgresState, method: str,
-        with_profile: bool) -> dict[str, Any]:
+def run(
+    source: Path, state: SqliteState | PostgresState, method: str, with_profile: bool
+) -> dict[str, Any]:
     """One floor run: snapshot, difference, commit; the seconds of each phase and the counts."""
     phases: dict[str, float] = {}
     counts = Counts()
@@ -286,8 +290,9 @@ def main() -> None:
     state.add_argument("--sqlite", type=Path, help="state database file")
     state.add_argument("--pg", help="state database DSN (psycopg)")
     parser.add_argument("--method", choices=("merge", "sql"), default="merge")
-    parser.add_argument("--no-profile", action="store_true",
-                        help="leave the profile query out of the snapshot")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="leave the profile query out of the snapshot"
+    )
     args = parser.parse_args()
     db = SqliteState(args.sqlite) if args.sqlite else PostgresState(args.pg)
     if args.action == "ack":

@@ -28,8 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-AUDIENCES: tuple[str, ...] = ("Active Last 30 Days", "High-Value Users", "Newsletter Subscribers",
-                              "Trial Users", "Churn Risk")
+AUDIENCES: tuple[str, ...] = (
+    "Active Last 30 Days",
+    "High-Value Users",
+    "Newsletter Subscribers",
+    "Trial Users",
+    "Churn Risk",
+)
 TRAIT = "Lifetime Value"
 MEMBERSHIP_PROBABILITY = 0.3
 FLIP_FRACTION = 0.01
@@ -38,16 +43,16 @@ SCHEMA_VERSION = "1"
 ACCOUNT_AUDIENCE = "Enterprise Accounts"
 ACCOUNT_TRAIT = "Seats"
 ACCOUNTS_PER_USER = 0.1
-ACCOUNTS_QUERY = ("SELECT group_id, user_id, name, website, created_at, city, postal_code, "
-                  "country FROM companies")
+ACCOUNTS_QUERY = (
+    "SELECT group_id, user_id, name, website, created_at, city, postal_code, country FROM companies"
+)
 ACCOUNT_AUDIENCE_QUERY = "SELECT group_id FROM account_members"
 ACCOUNT_TRAIT_QUERY = "SELECT group_id, seats AS value FROM companies"
 
 # The queries of the config (SPEC §3); the floor runs exactly these too.
 AUDIENCE_QUERY = "SELECT user_id FROM audience_members WHERE audience_id = {audience_id}"
 TRAIT_QUERY = "SELECT user_id, lifetime_value AS value FROM users"
-PROFILE_QUERY = ("SELECT user_id, email, first_name, last_name, company_id, company_name "
-                 "FROM users")
+PROFILE_QUERY = "SELECT user_id, email, first_name, last_name, company_id, company_name FROM users"
 
 _FIRST = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tim")
 _LAST = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson")
@@ -81,8 +86,15 @@ def _user_rows(users: int, rng: random.Random) -> Iterator[tuple[object, ...]]:
     for i in range(users):
         first, last = _FIRST[i % len(_FIRST)], _LAST[(i // len(_FIRST)) % len(_LAST)]
         company = i % 5000
-        yield (user_id(i), f"{first.lower()}.{last.lower()}.{i}@example.com", first, last,
-               company, f"Company {company}", round(rng.uniform(0, 5000), 2))
+        yield (
+            user_id(i),
+            f"{first.lower()}.{last.lower()}.{i}@example.com",
+            first,
+            last,
+            company,
+            f"Company {company}",
+            round(rng.uniform(0, 5000), 2),
+        )
 
 
 def _membership_rows(users: int, rng: random.Random) -> Iterator[tuple[int, str]]:
@@ -111,13 +123,21 @@ def generate(path: Path, users: int, seed: int = 1) -> None:
             CREATE TABLE bench_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
         """)
         with conn:
-            conn.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             _user_rows(users, rng))
-            conn.executemany("INSERT INTO audience_members VALUES (?, ?)",
-                             _membership_rows(users, rng))
-            conn.executemany("INSERT INTO bench_meta VALUES (?, ?)",
-                             [("users", str(users)), ("seed", str(seed)), ("flipped", "0"),
-                              ("schema", SCHEMA_VERSION)])
+            conn.executemany(
+                "INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?)", _user_rows(users, rng)
+            )
+            conn.executemany(
+                "INSERT INTO audience_members VALUES (?, ?)", _membership_rows(users, rng)
+            )
+            conn.executemany(
+                "INSERT INTO bench_meta VALUES (?, ?)",
+                [
+                    ("users", str(users)),
+                    ("seed", str(seed)),
+                    ("flipped", "0"),
+                    ("schema", SCHEMA_VERSION),
+                ],
+            )
         conn.execute("ANALYZE")
     finally:
         conn.close()
@@ -142,17 +162,26 @@ def flip_memberships(path: Path, seed: int = 2) -> FlipResult:
         users = int(conn.execute("SELECT value FROM bench_meta WHERE name = 'users'").fetchone()[0])
         cells = _flip_cells(users, seed)
         with conn:
-            conn.execute("CREATE TEMP TABLE flip (audience_id INTEGER, user_id TEXT, "
-                         "present INTEGER, PRIMARY KEY (audience_id, user_id))")
+            conn.execute(
+                "CREATE TEMP TABLE flip (audience_id INTEGER, user_id TEXT, "
+                "present INTEGER, PRIMARY KEY (audience_id, user_id))"
+            )
             conn.executemany("INSERT INTO flip VALUES (?, ?, 0)", cells)
-            conn.execute("UPDATE flip SET present = 1 WHERE (audience_id, user_id) IN "
-                         "(SELECT audience_id, user_id FROM audience_members)")
-            exited = conn.execute("DELETE FROM audience_members WHERE (audience_id, user_id) IN "
-                                  "(SELECT audience_id, user_id FROM flip WHERE present)").rowcount
-            entered = conn.execute("INSERT INTO audience_members SELECT audience_id, user_id "
-                                   "FROM flip WHERE NOT present").rowcount
-            conn.execute("UPDATE bench_meta SET value = CAST(1 - value AS TEXT) "
-                         "WHERE name = 'flipped'")
+            conn.execute(
+                "UPDATE flip SET present = 1 WHERE (audience_id, user_id) IN "
+                "(SELECT audience_id, user_id FROM audience_members)"
+            )
+            exited = conn.execute(
+                "DELETE FROM audience_members WHERE (audience_id, user_id) IN "
+                "(SELECT audience_id, user_id FROM flip WHERE present)"
+            ).rowcount
+            entered = conn.execute(
+                "INSERT INTO audience_members SELECT audience_id, user_id "
+                "FROM flip WHERE NOT present"
+            ).rowcount
+            conn.execute(
+                "UPDATE bench_meta SET value = CAST(1 - value AS TEXT) WHERE name = 'flipped'"
+            )
             conn.execute("DROP TABLE flip")
     finally:
         conn.close()
@@ -172,9 +201,16 @@ def _company_rows(accounts: int, rng: random.Random) -> Iterator[tuple[object, .
     """``companies`` rows: one per account, a second one (larger user id) every fifth."""
     cities = ("Paris", "Berlin", "Lisbon", "Austin", "Osaka")
     for i in range(accounts):
-        row = (group_id(i), f"Company {i}", f"https://company{i}.example",
-               f"20{10 + i % 15}-0{1 + i % 9}-1{i % 10} 10:00:00", cities[i % 5], 10000 + i % 90000,
-               "FR", rng.randint(1, 500))
+        row = (
+            group_id(i),
+            f"Company {i}",
+            f"https://company{i}.example",
+            f"20{10 + i % 15}-0{1 + i % 9}-1{i % 10} 10:00:00",
+            cities[i % 5],
+            10000 + i % 90000,
+            "FR",
+            rng.randint(1, 500),
+        )
         yield (row[0], user_id(i * 10), *row[1:])
         if i % 5 == 0:
             yield (row[0], user_id(i * 10 + 1), *row[1:])
@@ -196,11 +232,14 @@ def ensure_accounts(path: Path, seed: int = 3) -> int:
                     country TEXT, seats INTEGER);
                 CREATE TABLE account_members (group_id TEXT PRIMARY KEY) WITHOUT ROWID;
             """)
-            conn.executemany("INSERT INTO companies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             _company_rows(accounts, rng))
-            conn.executemany("INSERT INTO account_members VALUES (?)",
-                             ((group_id(i),) for i in range(accounts)
-                              if rng.random() < MEMBERSHIP_PROBABILITY))
+            conn.executemany(
+                "INSERT INTO companies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _company_rows(accounts, rng),
+            )
+            conn.executemany(
+                "INSERT INTO account_members VALUES (?)",
+                ((group_id(i),) for i in range(accounts) if rng.random() < MEMBERSHIP_PROBABILITY),
+            )
             conn.execute("INSERT INTO bench_meta VALUES ('accounts', ?)", (str(accounts),))
         return accounts
     finally:

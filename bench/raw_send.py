@@ -47,14 +47,27 @@ class SendResult:
 def synthetic_bodies(count: int) -> list[bytes]:
     """``count`` bodies shaped like the reconciler's (SPEC §5), one user each."""
     stamp = "2024-01-01T00:00:00.000Z"
-    return [json.dumps({
-        "type": "Send Contact", "message_id": f"{i:032x}", "timestamp": stamp, "sent_at": stamp,
-        "user_id": f"user-{i:07d}", "email": f"ada.lovelace.{i}@example.com",
-        "first_name": "Ada", "last_name": "Lovelace",
-        "company": {"id": str(i % 5000), "name": f"Company {i % 5000}"},
-        "custom": [{"key": "high_value_users", "value": True},
-                   {"key": "lifetime_value", "value": 1234.5}],
-    }, separators=(",", ":")).encode() for i in range(count)]
+    return [
+        json.dumps(
+            {
+                "type": "Send Contact",
+                "message_id": f"{i:032x}",
+                "timestamp": stamp,
+                "sent_at": stamp,
+                "user_id": f"user-{i:07d}",
+                "email": f"ada.lovelace.{i}@example.com",
+                "first_name": "Ada",
+                "last_name": "Lovelace",
+                "company": {"id": str(i % 5000), "name": f"Company {i % 5000}"},
+                "custom": [
+                    {"key": "high_value_users", "value": True},
+                    {"key": "lifetime_value", "value": 1234.5},
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+        for i in range(count)
+    ]
 
 
 def load_bodies(path: Path) -> list[bytes]:
@@ -133,7 +146,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="post only the first LIMIT bodies")
     args = parser.parse_args()
     bodies = load_bodies(args.bodies) if args.bodies else synthetic_bodies(args.synthetic)
-    bodies = bodies[:args.limit] if args.limit else bodies
+    bodies = bodies[: args.limit] if args.limit else bodies
     if args.mode == "sequential":
         result = send_sequential(args.url, bodies)
     elif args.mode == "threads":

@@ -63,8 +63,9 @@ class Record:
         if self.parse_sent_at:
             try:
                 stamp = json.loads(body)["sent_at"]
-                self.sent_at.append(datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-                                    .timestamp())
+                self.sent_at.append(
+                    datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                )
             except (ValueError, KeyError, TypeError):
                 self.errors += 1
 
@@ -83,7 +84,6 @@ class Record:
             "unparsed_bodies": self.errors,
         }
 
-
     def transit_ms(self) -> dict[str, float]:
         """Milliseconds from each body's ``sent_at`` to its arrival: median, p99, max.
 
@@ -94,9 +94,11 @@ class Record:
         if not self.sent_at or len(self.sent_at) != len(self.arrivals):
             return {}
         transit = sorted(a - s for a, s in zip(self.arrivals, self.sent_at, strict=True))
-        return {"p50": round(transit[len(transit) // 2] * 1000, 2),
-                "p99": round(transit[int(len(transit) * 0.99)] * 1000, 2),
-                "max": round(transit[-1] * 1000, 2)}
+        return {
+            "p50": round(transit[len(transit) // 2] * 1000, 2),
+            "p99": round(transit[int(len(transit) * 0.99)] * 1000, 2),
+            "max": round(transit[-1] * 1000, 2),
+        }
 
 
 # Linux: the kernel's receive time of each segment, as a struct timespec.
@@ -107,8 +109,9 @@ _TIMESPEC = struct.Struct("@qq")
 class HttpConnection:
     """One keep-alive connection: parse requests as they complete, answer each one."""
 
-    def __init__(self, sock: socket.socket, record: Record,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, sock: socket.socket, record: Record, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.sock, self.record, self.loop = sock, record, loop
         self.buffer = bytearray()
         self.out = bytearray()
@@ -182,13 +185,15 @@ class HttpConnection:
                 return
             head = bytes(self.buffer[:end]).decode("latin-1")
             lines = head.split("\r\n")
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in lines[1:])}
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:])
+            }
             length = int(headers.get("content-length", "0"))
             if len(self.buffer) < end + 4 + length:
                 return
-            body = bytes(self.buffer[end + 4:end + 4 + length])
-            del self.buffer[:end + 4 + length]
+            body = bytes(self.buffer[end + 4 : end + 4 + length])
+            del self.buffer[: end + 4 + length]
             method, target, _ = [*lines[0].split(" "), "", ""][:3]
             delay = 0.0 if target.startswith("/_ctl/") else self.record.delay
             close = headers.get("connection", "").lower() == "close"
@@ -223,8 +228,12 @@ class HttpConnection:
         else:
             payload = {"error": "unknown control path"}
         data = json.dumps(payload).encode()
-        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(data)).encode() + b"\r\n\r\n" + data)
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(data)).encode()
+            + b"\r\n\r\n"
+            + data
+        )
 
 
 async def serve(port: int) -> None:
@@ -256,8 +265,12 @@ class Receiver:
     """A receiver subprocess on 127.0.0.1: ``with Receiver() as r: ... r.url ...``."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([str(PYTHON), str(Path(__file__))], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [str(PYTHON), str(Path(__file__))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         self.base = f"http://127.0.0.1:{self.port}"
@@ -268,12 +281,14 @@ class Receiver:
         with urlopen(Request(self.base + path), timeout=120) as response:
             return json.loads(response.read())
 
-    def reset(self, *, keep_bodies: bool = False, sent_at: bool = False,
-              delay: float = 0.0) -> None:
+    def reset(
+        self, *, keep_bodies: bool = False, sent_at: bool = False, delay: float = 0.0
+    ) -> None:
         """Forget what arrived; optionally keep bodies, parse their ``sent_at``, or answer
         each webhook request ``delay`` seconds after it arrived."""
-        self._control(f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}"
-                      f"&delay={delay!r}")
+        self._control(
+            f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}&delay={delay!r}"
+        )
 
     def stats(self) -> dict[str, Any]:
         """Statistics of what arrived since the last reset (see ``Record.stats``)."""
@@ -298,17 +313,28 @@ class Receiver:
     def __enter__(self) -> Receiver:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
 async def _raw_client(port: int, requests: int, connections: int) -> float:
     """Post ``requests`` small bodies over ``connections`` keep-alive sockets; seconds taken."""
-    body = json.dumps({"type": "Send Contact", "user_id": "user-0000001",
-                       "custom": [{"key": "trait", "value": 1.5}]}).encode()
-    request = (b"POST /hook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    body = json.dumps(
+        {
+            "type": "Send Contact",
+            "user_id": "user-0000001",
+            "custom": [{"key": "trait", "value": 1.5}],
+        }
+    ).encode()
+    request = (
+        b"POST /hook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     per_connection = requests // connections
 
     async def one() -> None:
@@ -329,9 +355,12 @@ def selftest(requests: int, connections: int) -> dict[str, Any]:
         receiver.reset()
         seconds = asyncio.run(_raw_client(receiver.port, requests, connections))
         stats = receiver.stats()
-    return {"requests": stats["count"], "seconds": round(seconds, 3),
-            "client_rate": round(stats["count"] / seconds),
-            "receiver_rate": round(stats["rate"])}
+    return {
+        "requests": stats["count"],
+        "seconds": round(seconds, 3),
+        "client_rate": round(stats["count"] / seconds),
+        "receiver_rate": round(stats["rate"]),
+    }
 
 
 def main() -> None:

@@ -62,13 +62,24 @@ PACE_TARGET = 0.98
 LATENCY_TARGET = 0.99
 
 
-def ratio_figure(name: str, backend: str, users: int, runs: Sequence[Measured],
-                 floor: float) -> Figure:
+def ratio_figure(
+    name: str, backend: str, users: int, runs: Sequence[Measured], floor: float
+) -> Figure:
     """A row comparing the CLI's median with its floor against the 1.5x target."""
     seconds = median_seconds(runs)
-    return Figure(name, backend, users, seconds, "s", floor, seconds / floor,
-                  f"<= {RATIO_TARGET}x", seconds / floor <= RATIO_TARGET, peak_rss(runs),
-                  {"runs": [round(m.seconds, 3) for m in runs]})
+    return Figure(
+        name,
+        backend,
+        users,
+        seconds,
+        "s",
+        floor,
+        seconds / floor,
+        f"<= {RATIO_TARGET}x",
+        seconds / floor <= RATIO_TARGET,
+        peak_rss(runs),
+        {"runs": [round(m.seconds, 3) for m in runs]},
+    )
 
 
 def dry_run_a(b: Bench, backend: str, users: int) -> tuple[dict[str, Any], list[Measured]]:
@@ -79,8 +90,9 @@ def dry_run_a(b: Bench, backend: str, users: int) -> tuple[dict[str, Any], list[
     source = ensure_source(b.workdir, users)
     runs: list[Measured] = []
     with ExitStack() as stack:
-        floor = Floor(backend, source, stack.enter_context(
-            fresh_state(backend, b.workdir, "floor")))
+        floor = Floor(
+            backend, source, stack.enter_context(fresh_state(backend, b.workdir, "floor"))
+        )
         cli = stack.enter_context(cli_session(b, backend, source, "dry", users))
         for _ in range(b.runs):
             floor.measure()
@@ -106,8 +118,9 @@ def section_dry(b: Bench, backend: str) -> None:
     bodies: list[str] = []
     flips = 0
     with ExitStack() as stack:
-        floor = Floor(backend, source, stack.enter_context(
-            fresh_state(backend, b.workdir, "floor")))
+        floor = Floor(
+            backend, source, stack.enter_context(fresh_state(backend, b.workdir, "floor"))
+        )
         floor.setup_run()
         floor.ack()
         cli = stack.enter_context(cli_session(b, backend, source, "dry", users))
@@ -115,9 +128,18 @@ def section_dry(b: Bench, backend: str) -> None:
         setup = cli("sync")
         if setup:
             stats = b.receiver.stats()
-            b.add(Figure("setup: initial sync, all sent", backend, users, setup.seconds, "s",
-                         rss_mb=setup.peak_rss_mb, extra={"receiver": stats},
-                         note=count_note(stats["count"], users)))
+            b.add(
+                Figure(
+                    "setup: initial sync, all sent",
+                    backend,
+                    users,
+                    setup.seconds,
+                    "s",
+                    rss_mb=setup.peak_rss_mb,
+                    extra={"receiver": stats},
+                    note=count_note(stats["count"], users),
+                )
+            )
         for _ in range(b.runs):  # (b)
             floor.measure()
             b.receiver.reset()
@@ -150,17 +172,35 @@ def section_dry(b: Bench, backend: str) -> None:
         b.add(_changed_figure(b, backend, users, runs_c, floor_c, sent_c, bodies))
     if runs_a or runs_b or runs_c:
         peak = peak_rss(runs_a + runs_b + runs_c)
-        b.add(Figure("peak RSS of (a) (b) (c)", backend, users, peak, "MB",
-                     target=f"<= {RSS_LIMIT_MB:.0f} MB", ok=peak <= RSS_LIMIT_MB))
+        b.add(
+            Figure(
+                "peak RSS of (a) (b) (c)",
+                backend,
+                users,
+                peak,
+                "MB",
+                target=f"<= {RSS_LIMIT_MB:.0f} MB",
+                ok=peak <= RSS_LIMIT_MB,
+            )
+        )
 
 
-def _changed_figure(b: Bench, backend: str, users: int, runs: list[Measured],
-                    floor: dict[str, Any], sent: list[int], bodies: list[str]) -> Figure:
+def _changed_figure(
+    b: Bench,
+    backend: str,
+    users: int,
+    runs: list[Measured],
+    floor: dict[str, Any],
+    sent: list[int],
+    bodies: list[str],
+) -> Figure:
     """(c) against its floor plus "its sends": the faster raw sender posting its bodies."""
     path = b.workdir / "changed-bodies.json"
     path.write_text(json.dumps(bodies))
-    sends = min(float(raw_send(b, mode, ["--bodies", str(path)])["seconds"])
-                for mode in ("sequential", "async"))
+    sends = min(
+        float(raw_send(b, mode, ["--bodies", str(path)])["seconds"])
+        for mode in ("sequential", "async")
+    )
     row = ratio_figure("(c) sync after 1 % changed", backend, users, runs, floor["best"])
     assert row.value is not None
     row.baseline = floor["best"] + sends
@@ -202,21 +242,53 @@ def section_send(b: Bench, backend: str) -> None:
     for results in raw.values():
         rate = median([r["receiver"]["rate"] for r in results])
         best = max(best, rate)
-        b.add(Figure(f"raw httpx {results[0]['mode']} send rate", backend, users, rate, "req/s",
-                     extra={"seconds": [r["seconds"] for r in results],
-                            "bodies": bodies_args[0].lstrip("-")}))
+        b.add(
+            Figure(
+                f"raw httpx {results[0]['mode']} send rate",
+                backend,
+                users,
+                rate,
+                "req/s",
+                extra={
+                    "seconds": [r["seconds"] for r in results],
+                    "bodies": bodies_args[0].lstrip("-"),
+                },
+            )
+        )
     if runs:
         rate = median(rates)
-        b.add(Figure("send rate, unpaced, concurrency 20", backend, users, rate, "req/s", best,
-                     rate / best, f">= {SEND_TARGET}x raw", rate / best >= SEND_TARGET,
-                     peak_rss(runs), {"rates": rates, "sync_seconds": [m.seconds for m in runs]},
-                     "; ".join(filter(None, notes))))
-        raw_cpu = median([per_thousand(r["cpu_seconds"], r["receiver"]["count"])
-                           for r in raw["sequential"]])
-        b.add(Figure("CPU s per 1,000 sends, unpaced", backend, users, median(cpu), "s",
-                     raw_cpu, median(cpu) / raw_cpu,
-                     extra={"runs": cpu, "baseline": "raw httpx sequential"},
-                     note="whole processes: the sync's snapshot, plan and recording count"))
+        b.add(
+            Figure(
+                "send rate, unpaced, concurrency 20",
+                backend,
+                users,
+                rate,
+                "req/s",
+                best,
+                rate / best,
+                f">= {SEND_TARGET}x raw",
+                rate / best >= SEND_TARGET,
+                peak_rss(runs),
+                {"rates": rates, "sync_seconds": [m.seconds for m in runs]},
+                "; ".join(filter(None, notes)),
+            )
+        )
+        raw_cpu = median(
+            [per_thousand(r["cpu_seconds"], r["receiver"]["count"]) for r in raw["sequential"]]
+        )
+        b.add(
+            Figure(
+                "CPU s per 1,000 sends, unpaced",
+                backend,
+                users,
+                median(cpu),
+                "s",
+                raw_cpu,
+                median(cpu) / raw_cpu,
+                extra={"runs": cpu, "baseline": "raw httpx sequential"},
+                note="whole processes: the sync's snapshot, plan and recording count",
+            )
+        )
 
 
 def per_thousand(cpu_seconds: float, sends: int) -> float:
@@ -234,8 +306,7 @@ def section_latency(b: Bench, backend: str) -> None:
     users = rps * seconds
     source = ensure_source(b.workdir, users)
     label = f"{b.args.latency_ms:g} ms latency, {rps}/s, concurrency {concurrency}"
-    with cli_session(b, backend, source, "latency", users, rps=rps,
-                     concurrency=concurrency) as cli:
+    with cli_session(b, backend, source, "latency", users, rps=rps, concurrency=concurrency) as cli:
         b.receiver.reset(sent_at=True, keep_bodies=True, delay=delay)
         run = cli("sync")
         stats = b.receiver.stats()
@@ -243,27 +314,63 @@ def section_latency(b: Bench, backend: str) -> None:
     if run is None:
         return
     rate = stats["rate"]
-    b.add(Figure(f"{label}: achieved rate", backend, users, rate, "req/s", rps, rate / rps,
-                 f">= {LATENCY_TARGET:.0%} of rate", rate >= LATENCY_TARGET * rps,
-                 run.peak_rss_mb, {"receiver": stats, "sync_seconds": run.seconds},
-                 count_note(stats["count"], users)))
+    b.add(
+        Figure(
+            f"{label}: achieved rate",
+            backend,
+            users,
+            rate,
+            "req/s",
+            rps,
+            rate / rps,
+            f">= {LATENCY_TARGET:.0%} of rate",
+            rate >= LATENCY_TARGET * rps,
+            run.peak_rss_mb,
+            {"receiver": stats, "sync_seconds": run.seconds},
+            count_note(stats["count"], users),
+        )
+    )
     for clock, key in (("arrival", "max_per_second"), ("sent_at", "sent_at_max_per_second")):
         most = stats[key]
-        b.add(Figure(f"{label}: most in any 1 s ({clock})", backend, users, most, "req", rps,
-                     most / rps, f"<= {rps}", most <= rps,
-                     note=transit_note(stats) if clock == "arrival" else ""))
+        b.add(
+            Figure(
+                f"{label}: most in any 1 s ({clock})",
+                backend,
+                users,
+                most,
+                "req",
+                rps,
+                most / rps,
+                f"<= {rps}",
+                most <= rps,
+                note=transit_note(stats) if clock == "arrival" else "",
+            )
+        )
     path = b.workdir / "latency-bodies.json"
     path.write_text(json.dumps(bodies))
     # All the bodies, so that start-up weighs on both sides alike (45 s at 40/s, 8 threads).
-    raw = raw_send(b, "threads", ["--bodies", str(path), "--concurrency", str(concurrency)],
-                   delay=delay)
+    raw = raw_send(
+        b, "threads", ["--bodies", str(path), "--concurrency", str(concurrency)], delay=delay
+    )
     ours = per_thousand(run.cpu_seconds, stats["count"])
     theirs = per_thousand(raw["cpu_seconds"], raw["receiver"]["count"])
-    b.add(Figure(f"{label}: CPU s per 1,000 sends", backend, users, ours, "s", theirs,
-                 ours / theirs, extra={"baseline": f"raw httpx threads{concurrency}",
-                                       "raw_requests": raw["receiver"]["count"]},
-                 note=f"baseline: {concurrency} threads of raw httpx posting "
-                      f"{raw['receiver']['count']} of the same bodies"))
+    b.add(
+        Figure(
+            f"{label}: CPU s per 1,000 sends",
+            backend,
+            users,
+            ours,
+            "s",
+            theirs,
+            ours / theirs,
+            extra={
+                "baseline": f"raw httpx threads{concurrency}",
+                "raw_requests": raw["receiver"]["count"],
+            },
+            note=f"baseline: {concurrency} threads of raw httpx posting "
+            f"{raw['receiver']['count']} of the same bodies",
+        )
+    )
 
 
 def section_pace(b: Bench, backend: str) -> None:
@@ -280,16 +387,38 @@ def section_pace(b: Bench, backend: str) -> None:
         stats = b.receiver.stats()
     if run is None:
         return
-    b.add(Figure(f"paced {rps}/s: achieved rate", backend, users, stats["rate"], "req/s", rps,
-                 stats["rate"] / rps, f">= {PACE_TARGET:.0%} of rate",
-                 stats["rate"] >= PACE_TARGET * rps, run.peak_rss_mb,
-                 {"receiver": stats, "sync_seconds": run.seconds},
-                 count_note(stats["count"], users)))
+    b.add(
+        Figure(
+            f"paced {rps}/s: achieved rate",
+            backend,
+            users,
+            stats["rate"],
+            "req/s",
+            rps,
+            stats["rate"] / rps,
+            f">= {PACE_TARGET:.0%} of rate",
+            stats["rate"] >= PACE_TARGET * rps,
+            run.peak_rss_mb,
+            {"receiver": stats, "sync_seconds": run.seconds},
+            count_note(stats["count"], users),
+        )
+    )
     for clock, key in (("arrival", "max_per_second"), ("sent_at", "sent_at_max_per_second")):
         most = stats[key]
-        b.add(Figure(f"paced {rps}/s: most in any 1 s ({clock})", backend, users, most, "req",
-                     rps, most / rps, f"<= {rps}", most <= rps,
-                     note=transit_note(stats) if clock == "arrival" else ""))
+        b.add(
+            Figure(
+                f"paced {rps}/s: most in any 1 s ({clock})",
+                backend,
+                users,
+                most,
+                "req",
+                rps,
+                most / rps,
+                f"<= {rps}",
+                most <= rps,
+                note=transit_note(stats) if clock == "arrival" else "",
+            )
+        )
 
 
 def transit_note(stats: dict[str, Any]) -> str:
@@ -302,14 +431,15 @@ def transit_note(stats: dict[str, Any]) -> str:
     transit = stats.get("transit_ms") or {}
     if not transit:
         return ""
-    return (f"sent_at to arrival: median {transit['p50']} ms, p99 {transit['p99']} ms, "
-            f"max {transit['max']} ms")
+    return (
+        f"sent_at to arrival: median {transit['p50']} ms, p99 {transit['p99']} ms, "
+        f"max {transit['max']} ms"
+    )
 
 
 def section_scale(b: Bench, backend: str) -> None:
     """(a) at N/10, 3N/10 and N: least-squares slope, R², and how peak RSS grows."""
-    sizes = sorted({max(1000, b.args.users // 10), max(1000, b.args.users * 3 // 10),
-                    b.args.users})
+    sizes = sorted({max(1000, b.args.users // 10), max(1000, b.args.users * 3 // 10), b.args.users})
     if len(sizes) < 3:
         log("    skipped: --users must be at least 10,000 for three distinct sizes")
         return
@@ -319,22 +449,38 @@ def section_scale(b: Bench, backend: str) -> None:
         series["(a) sync --dry-run"] = [median_seconds(runs) for _, runs in points]
     for name, ys in series.items():
         slope, intercept, r2 = linear_fit([float(n) for n in sizes], ys)
-        b.add(Figure(f"scale {name}: seconds per 1M users", backend, sizes[-1], slope * 1e6, "s",
-                     target="linear: R² >= 0.99", ok=r2 >= 0.99,
-                     extra={"intercept_s": intercept, "r2": r2, "sizes": sizes, "seconds": ys},
-                     note=f"R² {r2:.4f}, intercept {intercept:.2f} s"))
+        b.add(
+            Figure(
+                f"scale {name}: seconds per 1M users",
+                backend,
+                sizes[-1],
+                slope * 1e6,
+                "s",
+                target="linear: R² >= 0.99",
+                ok=r2 >= 0.99,
+                extra={"intercept_s": intercept, "r2": r2, "sizes": sizes, "seconds": ys},
+                note=f"R² {r2:.4f}, intercept {intercept:.2f} s",
+            )
+        )
     if "(a) sync --dry-run" in series:
         rss = [peak_rss(runs) for _, runs in points]
-        b.add(Figure("scale (a): peak RSS growth", backend, sizes[-1], rss[-1] / rss[0], "x",
-                     target=f"<= {RSS_FLAT}x", ok=rss[-1] / rss[0] <= RSS_FLAT,
-                     extra={"sizes": sizes, "rss_mb": rss},
-                     note=" / ".join(f"{n:,}: {r:.0f} MB"
-                                     for n, r in zip(sizes, rss, strict=True))))
+        b.add(
+            Figure(
+                "scale (a): peak RSS growth",
+                backend,
+                sizes[-1],
+                rss[-1] / rss[0],
+                "x",
+                target=f"<= {RSS_FLAT}x",
+                ok=rss[-1] / rss[0] <= RSS_FLAT,
+                extra={"sizes": sizes, "rss_mb": rss},
+                note=" / ".join(f"{n:,}: {r:.0f} MB" for n, r in zip(sizes, rss, strict=True)),
+            )
+        )
 
 
 def _sizes(b: Bench) -> list[int]:
-    return sorted({max(1000, b.args.users // 10), max(1000, b.args.users * 3 // 10),
-                   b.args.users})
+    return sorted({max(1000, b.args.users // 10), max(1000, b.args.users * 3 // 10), b.args.users})
 
 
 def section_accounts(b: Bench, backend: str) -> None:
@@ -362,32 +508,67 @@ def section_accounts(b: Bench, backend: str) -> None:
         t, base = median_seconds(runs), median_seconds(plain)
         t_cpu = median([m.cpu_seconds for m in runs])
         base_cpu = median([m.cpu_seconds for m in plain])
-        b.add(Figure(f"(a) + {accounts:,} accounts sync --dry-run", backend, users, t, "s",
-                     base, t / base, rss_mb=peak_rss(runs),
-                     note=f"baseline: (a) without accounts; +{t - base:.2f} s for the "
-                          f"accounts; CPU {t_cpu:.2f} s against {base_cpu:.2f} s",
-                     extra={"runs": [round(m.seconds, 3) for m in runs], "cpu_s": t_cpu,
-                            "baseline_cpu_s": base_cpu}))
+        b.add(
+            Figure(
+                f"(a) + {accounts:,} accounts sync --dry-run",
+                backend,
+                users,
+                t,
+                "s",
+                base,
+                t / base,
+                rss_mb=peak_rss(runs),
+                note=f"baseline: (a) without accounts; +{t - base:.2f} s for the "
+                f"accounts; CPU {t_cpu:.2f} s against {base_cpu:.2f} s",
+                extra={
+                    "runs": [round(m.seconds, 3) for m in runs],
+                    "cpu_s": t_cpu,
+                    "baseline_cpu_s": base_cpu,
+                },
+            )
+        )
         records.append(float(users + accounts))
         seconds.append(t)
         cpu.append(t_cpu)
         rss.append(peak_rss(runs))
     for what, ys in (("seconds", seconds), ("CPU seconds", cpu)):
         slope, intercept, r2 = linear_fit(records, ys)
-        b.add(Figure(f"accounts (a): {what} per 1M users + accounts", backend, sizes[-1],
-                     slope * 1e6, "s", target="linear: R² >= 0.99", ok=r2 >= 0.99,
-                     extra={"intercept_s": intercept, "r2": r2, "records": records,
-                            "seconds": ys},
-                     note=f"R² {r2:.4f}, intercept {intercept:.2f} s"))
-    b.add(Figure("accounts (a): peak RSS growth", backend, sizes[-1], rss[-1] / rss[0], "x",
-                 target=f"<= {RSS_FLAT}x", ok=rss[-1] / rss[0] <= RSS_FLAT,
-                 extra={"sizes": sizes, "rss_mb": rss},
-                 note=" / ".join(f"{n:,}: {r:.0f} MB" for n, r in zip(sizes, rss, strict=True))))
+        b.add(
+            Figure(
+                f"accounts (a): {what} per 1M users + accounts",
+                backend,
+                sizes[-1],
+                slope * 1e6,
+                "s",
+                target="linear: R² >= 0.99",
+                ok=r2 >= 0.99,
+                extra={"intercept_s": intercept, "r2": r2, "records": records, "seconds": ys},
+                note=f"R² {r2:.4f}, intercept {intercept:.2f} s",
+            )
+        )
+    b.add(
+        Figure(
+            "accounts (a): peak RSS growth",
+            backend,
+            sizes[-1],
+            rss[-1] / rss[0],
+            "x",
+            target=f"<= {RSS_FLAT}x",
+            ok=rss[-1] / rss[0] <= RSS_FLAT,
+            extra={"sizes": sizes, "rss_mb": rss},
+            note=" / ".join(f"{n:,}: {r:.0f} MB" for n, r in zip(sizes, rss, strict=True)),
+        )
+    )
 
 
 SECTION_FUNCS: dict[str, Callable[[Bench, str], None]] = {
-    "dry": section_dry, "send": section_send, "pace": section_pace,
-    "latency": section_latency, "scale": section_scale, "accounts": section_accounts}
+    "dry": section_dry,
+    "send": section_send,
+    "pace": section_pace,
+    "latency": section_latency,
+    "scale": section_scale,
+    "accounts": section_accounts,
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -396,8 +577,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3, help="rounds per figure (median)")
     parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
-    parser.add_argument("--only", choices=SECTIONS, action="append",
-                        help="run only this section (repeatable)")
+    parser.add_argument(
+        "--only", choices=SECTIONS, action="append", help="run only this section (repeatable)"
+    )
     parser.add_argument("--send-users", type=int, default=20_000)
     parser.add_argument("--pace-rps", type=int, default=200)
     parser.add_argument("--pace-seconds", type=int, default=30)
@@ -418,8 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     cli_ok, reason = cli_available()
     if not cli_ok:
-        log(f"NOTE: the reconciler CLI is not available ({reason}); "
-            "measuring only the floors and the raw senders.")
+        log(
+            f"NOTE: the reconciler CLI is not available ({reason}); "
+            "measuring only the floors and the raw senders."
+        )
     with Receiver() as receiver:
         b = Bench(args, receiver, cli_ok)
         log(f"receiver on {receiver.base}; workdir {args.workdir}")

@@ -58,11 +58,15 @@ def copy_to_postgresql(sqlite_path: Path, dsn: str) -> None:
     lite = sqlite3.connect(sqlite_path)
     try:
         with psycopg.connect(dsn) as pg:
-            pg.execute("CREATE TABLE users (user_id text PRIMARY KEY, email text, "
-                       "first_name text, last_name text, company_id integer, "
-                       "company_name text, lifetime_value double precision)")
-            pg.execute("CREATE TABLE audience_members (audience_id integer NOT NULL, "
-                       "user_id text NOT NULL, PRIMARY KEY (audience_id, user_id))")
+            pg.execute(
+                "CREATE TABLE users (user_id text PRIMARY KEY, email text, "
+                "first_name text, last_name text, company_id integer, "
+                "company_name text, lifetime_value double precision)"
+            )
+            pg.execute(
+                "CREATE TABLE audience_members (audience_id integer NOT NULL, "
+                "user_id text NOT NULL, PRIMARY KEY (audience_id, user_id))"
+            )
             for table in ("users", "audience_members"):
                 with pg.cursor().copy(f"COPY {table} FROM STDIN") as copy:
                     for row in lite.execute(f"SELECT * FROM {table}"):
@@ -99,12 +103,13 @@ def watch(database: str) -> Iterator[Holds]:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             while not stop.is_set():
                 for pid, xmin, open_for, at in conn.execute(
-                        "SELECT pid, backend_xmin::text, "
-                        "EXTRACT(EPOCH FROM clock_timestamp() - xact_start)::float8, "
-                        "EXTRACT(EPOCH FROM clock_timestamp())::float8 "
-                        "FROM pg_stat_activity WHERE datname = %s "
-                        "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
-                        (database,)):
+                    "SELECT pid, backend_xmin::text, "
+                    "EXTRACT(EPOCH FROM clock_timestamp() - xact_start)::float8, "
+                    "EXTRACT(EPOCH FROM clock_timestamp())::float8 "
+                    "FROM pg_stat_activity WHERE datname = %s "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    (database,),
+                ):
                     holds.see(pid, xmin, open_for, at)
                 stop.wait(POLL_SECONDS)
 
@@ -119,8 +124,11 @@ def watch(database: str) -> Iterator[Holds]:
 
 def baseline_tree(rev: str, into: Path) -> Path:
     """``reconciler/`` and ``migrations/`` of revision ``rev``, extracted under ``into``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "reconciler",
-                              "migrations"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "reconciler", "migrations"],
+        capture_output=True,
+        check=True,
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 
@@ -129,8 +137,10 @@ def command(tree: Path | None) -> list[str]:
     """The reconciler command: the installed one, or the one of another tree."""
     if tree is None:
         return [str(RECONCILER)]
-    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import reconciler.cli as c; "
-            "assert c.__file__.startswith(sys.path[0]), c.__file__; c.main()")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); import reconciler.cli as c; "
+        "assert c.__file__.startswith(sys.path[0]), c.__file__; c.main()"
+    )
     return [str(PYTHON), "-c", code, str(tree)]
 
 
@@ -144,14 +154,15 @@ def pg_config(path: Path, state: str, sqlite_source: Path, source_url: str) -> P
 def measure_once(label: str, argv: list[str], config: Path) -> dict[str, float]:
     """One initial dry run: its wall time and how long it held the source snapshot."""
     with watch(SOURCE_DB) as holds:
-        done = run_measured([*argv, "sync", "--dry-run", "--config", str(config)],
-                            timeout=1800)
+        done = run_measured([*argv, "sync", "--dry-run", "--config", str(config)], timeout=1800)
     if done.returncode != 0:
         sys.exit(f"{label}: exited {done.returncode}: {done.tail()}")
-    print(f"{label}: {done.seconds:.2f} s; source transaction open {holds.transaction:.2f} s;"
-          f" one xmin held {holds.xmin:.2f} s", file=sys.stderr)
-    return {"seconds": done.seconds, "transaction_open": holds.transaction,
-            "xmin_held": holds.xmin}
+    print(
+        f"{label}: {done.seconds:.2f} s; source transaction open {holds.transaction:.2f} s;"
+        f" one xmin held {holds.xmin:.2f} s",
+        file=sys.stderr,
+    )
+    return {"seconds": done.seconds, "transaction_open": holds.transaction, "xmin_held": holds.xmin}
 
 
 def main() -> None:
@@ -166,8 +177,9 @@ def main() -> None:
     with pg_database(SOURCE_DB) as dsn, tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         copy_to_postgresql(sqlite_source, dsn)
-        print(f"source copied to PostgreSQL in {time.perf_counter() - started:.1f} s",
-              file=sys.stderr)
+        print(
+            f"source copied to PostgreSQL in {time.perf_counter() - started:.1f} s", file=sys.stderr
+        )
         source_url = dsn.replace("postgresql://", "postgresql+psycopg://")
         variants: list[tuple[str, Path | None]] = [("this tree", None)]
         if args.baseline_rev:
@@ -175,19 +187,28 @@ def main() -> None:
         for _ in range(args.runs):  # interleaved, so a busy neighbour slows both sides
             for label, tree in variants:
                 with fresh_state("sqlite", args.workdir, "source-snapshot") as state:
-                    config = pg_config(Path(tmp) / "reconciler.toml", state, sqlite_source,
-                                       source_url)
-                    runs.setdefault(label, []).append(measure_once(label, command(tree),
-                                                                   config))
-    results = [{"label": label, "runs": got,
-                **{f"median_{k}": median([r[k] for r in got]) for k in got[0]}}
-               for label, got in runs.items()]
+                    config = pg_config(
+                        Path(tmp) / "reconciler.toml", state, sqlite_source, source_url
+                    )
+                    runs.setdefault(label, []).append(measure_once(label, command(tree), config))
+    results = [
+        {
+            "label": label,
+            "runs": got,
+            **{f"median_{k}": median([r[k] for r in got]) for k in got[0]},
+        }
+        for label, got in runs.items()
+    ]
     out = io.StringIO()
-    out.write(f"| {args.users:,} users, PostgreSQL source | whole `sync --dry-run` | source "
-              "transaction open | one xmin held |\n|---|---|---|---|\n")
+    out.write(
+        f"| {args.users:,} users, PostgreSQL source | whole `sync --dry-run` | source "
+        "transaction open | one xmin held |\n|---|---|---|---|\n"
+    )
     for r in results:
-        out.write(f"| {r['label']} | {r['median_seconds']:.2f} s | "
-                  f"{r['median_transaction_open']:.2f} s | {r['median_xmin_held']:.2f} s |\n")
+        out.write(
+            f"| {r['label']} | {r['median_seconds']:.2f} s | "
+            f"{r['median_transaction_open']:.2f} s | {r['median_xmin_held']:.2f} s |\n"
+        )
     print(out.getvalue(), end="")
     print(json.dumps({"users": args.users, "runs": args.runs, "results": results}))
 

@@ -94,12 +94,17 @@ class Webhook(BaseHTTPRequestHandler):
         custom = {c["key"]: c["value"] for c in body.get("custom", [])}
         if body["type"] == "Send Customer":
             fields = {k: body[k] for k in ("name", "website", "address") if k in body}
-            print(f"  webhook <- Send Customer {body['group_id']} (for {body['user_id']}): "
-                  f"{json.dumps(custom)} {json.dumps(fields)}", flush=True)
+            print(
+                f"  webhook <- Send Customer {body['group_id']} (for {body['user_id']}): "
+                f"{json.dumps(custom)} {json.dumps(fields)}",
+                flush=True,
+            )
         else:
             company = f" company {body['company']['id']}" if "company" in body else ""
-            print(f"  webhook <- Send Contact  {body['user_id']}{company}: "
-                  f"{json.dumps(custom)}", flush=True)
+            print(
+                f"  webhook <- Send Contact  {body['user_id']}{company}: {json.dumps(custom)}",
+                flush=True,
+            )
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -110,8 +115,7 @@ class Webhook(BaseHTTPRequestHandler):
 
 def reconciler(*args: str) -> None:
     print(f"$ reconciler {' '.join(args)}", flush=True)
-    subprocess.run([*RECONCILER, *args, "--config", str(HERE / "reconciler.toml")],
-                   check=False)
+    subprocess.run([*RECONCILER, *args, "--config", str(HERE / "reconciler.toml")], check=False)
 
 
 def main() -> None:
@@ -120,8 +124,7 @@ def main() -> None:
     build_warehouse(HERE / "warehouse.db")
     server = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    (HERE / "reconciler.toml").write_text(
-        CONFIG.format(here=HERE, port=server.server_port))
+    (HERE / "reconciler.toml").write_text(CONFIG.format(here=HERE, port=server.server_port))
     print("First sync: every account, then every member and trait value, is sent.")
     reconciler("sync")
     print("\nAlan orders again (enters High Value Users); Ada's recent order is refunded;")

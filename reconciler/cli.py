@@ -43,16 +43,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 BROKEN_PIPE_STATUS = 141
 
 config_option = click.option(
-    "--config", "config_file", metavar="PATH",
-    help="Config file (default: $RECONCILER_CONFIG, else ./reconciler.toml).")
+    "--config",
+    "config_file",
+    metavar="PATH",
+    help="Config file (default: $RECONCILER_CONFIG, else ./reconciler.toml).",
+)
 accept_exits_option = click.option(
-    "--accept-exits", "accept_exits", metavar="KEY", multiple=True,
+    "--accept-exits",
+    "accept_exits",
+    metavar="KEY",
+    multiple=True,
     help="Let this audience's exits through the safety guard, for this run only "
-         "(repeatable; 'all' for every audience).")
+    "(repeatable; 'all' for every audience).",
+)
 
 
 def _handle_errors(command: F) -> F:
     """Our errors become one redacted line on stderr and their exit status (SPEC §4)."""
+
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -71,9 +79,11 @@ def _handle_errors(command: F) -> F:
         except Exception as exc:
             if os.environ.get("RECONCILER_DEBUG"):
                 click.echo(_redact(traceback.format_exc()), err=True, nl=False)
-            click.echo(f"reconciler: unexpected error: {type(exc).__name__}: "
-                       f"{_redact(str(exc))}", err=True)
+            click.echo(
+                f"reconciler: unexpected error: {type(exc).__name__}: {_redact(str(exc))}", err=True
+            )
             sys.exit(1)
+
     return wrapper  # type: ignore[return-value]
 
 
@@ -105,8 +115,9 @@ def _use_redactor(config: Config) -> None:
     click.get_current_context().meta[_REDACT] = config.redact
 
 
-def _setup(config_file: str | None,
-           check: Callable[[Config], object] | None = None) -> tuple[Config, Engine]:
+def _setup(
+    config_file: str | None, check: Callable[[Config], object] | None = None
+) -> tuple[Config, Engine]:
     """Load the config (and `check` it) and bring the state database to the newest schema."""
     config = load_config(config_path(config_file))
     if check is not None:
@@ -136,8 +147,12 @@ def _print_json(data: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", metavar="PATH",
-              help="Config file for the command (a --config after the command's name wins).")
+@click.option(
+    "--config",
+    "config_file",
+    metavar="PATH",
+    help="Config file for the command (a --config after the command's name wins).",
+)
 @click.version_option(package_name="reconciler")
 @click.pass_context
 def main(ctx: click.Context, config_file: str | None) -> None:
@@ -145,8 +160,10 @@ def main(ctx: click.Context, config_file: str | None) -> None:
     Customer webhook."""
     if config_file is not None:
         # The default of every command's own --config, so one given there still wins.
-        ctx.default_map = {**(ctx.default_map or {}),
-                           **{name: {"config_file": config_file} for name in main.commands}}
+        ctx.default_map = {
+            **(ctx.default_map or {}),
+            **{name: {"config_file": config_file} for name in main.commands},
+        }
 
 
 @main.command("migrate")
@@ -160,13 +177,17 @@ def migrate_command(config_file: str | None) -> None:
 
 @main.command("sync")
 @config_option
-@click.option("--dry-run", is_flag=True,
-              help="Snapshot and diff, print what would be sent; send and keep nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Snapshot and diff, print what would be sent; send and keep nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @accept_exits_option
 @_handle_errors
-def sync_command(config_file: str | None, dry_run: bool, as_json: bool,
-                 accept_exits: tuple[str, ...]) -> None:
+def sync_command(
+    config_file: str | None, dry_run: bool, as_json: bool, accept_exits: tuple[str, ...]
+) -> None:
     """Run one sync now: snapshot, diff, send, record."""
     config, engine = _setup(config_file, check=lambda c: resolve_accepted(c, accept_exits))
     accepted = resolve_accepted(config, accept_exits)
@@ -174,8 +195,7 @@ def sync_command(config_file: str | None, dry_run: bool, as_json: bool,
         report = _dry_run(config, engine, accepted)
         _print_dry_run(report, as_json)
         sys.exit(report.exit_status)
-    result = _run(config, engine, RunRequest(trigger="manual", accept_exits=accepted),
-                  as_json)
+    result = _run(config, engine, RunRequest(trigger="manual", accept_exits=accepted), as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
 
@@ -186,21 +206,28 @@ def _dry_run(config: Config, engine: Engine, accepted: frozenset[str]) -> DryRun
 
 @main.command("resync")
 @config_option
-@click.option("--audience", "key", metavar="KEY",
-              help="Resync only this key (default: every configured key).")
+@click.option(
+    "--audience", "key", metavar="KEY", help="Resync only this key (default: every configured key)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @accept_exits_option
 @_handle_errors
-def resync_command(config_file: str | None, key: str | None, as_json: bool,
-                   accept_exits: tuple[str, ...]) -> None:
+def resync_command(
+    config_file: str | None, key: str | None, as_json: bool, accept_exits: tuple[str, ...]
+) -> None:
     """Send every user's current value for every key (or one key), acknowledged or not."""
+
     def check(config: Config) -> None:
         _resync_keys(config, key)
         resolve_accepted(config, accept_exits)
+
     config, engine = _setup(config_file, check=check)
-    request = RunRequest(trigger="full_resync", resync_keys=_resync_keys(config, key),
-                         resync_label=key or "*",
-                         accept_exits=resolve_accepted(config, accept_exits))
+    request = RunRequest(
+        trigger="full_resync",
+        resync_keys=_resync_keys(config, key),
+        resync_label=key or "*",
+        accept_exits=resolve_accepted(config, accept_exits),
+    )
     result = _run(config, engine, request, as_json)
     _print_result(result, as_json)
     sys.exit(result.exit_status)
@@ -228,6 +255,7 @@ def _run(config: Config, engine: Engine, request: RunRequest, as_json: bool) -> 
 def _stop_on_signal(options: Seams) -> Iterator[None]:
     """The first SIGINT/SIGTERM lets in-flight deliveries finish and leaves the rest
     pending; a second one ends the process at once (the next run recovers from that)."""
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if options.stop.is_set():
             signal.signal(signum, signal.SIG_DFL)
@@ -235,8 +263,10 @@ def _stop_on_signal(options: Seams) -> Iterator[None]:
             return
         options.stopped_by = signal.Signals(signum).name
         options.stop.set()
-        sys.stderr.write("\nreconciler: stopping; deliveries in flight finish, the rest stay "
-                         "pending for the next run (signal again to quit at once)\n")
+        sys.stderr.write(
+            "\nreconciler: stopping; deliveries in flight finish, the rest stay "
+            "pending for the next run (signal again to quit at once)\n"
+        )
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -248,8 +278,13 @@ def _stop_on_signal(options: Seams) -> Iterator[None]:
 
 @main.command("daemon")
 @config_option
-@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text",
-              show_default=True, help="Log lines as text, or one JSON object a line.")
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or one JSON object a line.",
+)
 @_handle_errors
 def daemon_command(config_file: str | None, log_format: str) -> None:
     """Sync at start, then on [schedule] (UTC), until SIGTERM or SIGINT.
@@ -265,8 +300,12 @@ def daemon_command(config_file: str | None, log_format: str) -> None:
 
 @main.command("prune")
 @config_option
-@click.option("--keep-days", type=click.IntRange(min=1), metavar="DAYS",
-              help="Keep runs of the last DAYS days (default: [history] keep_days, 90).")
+@click.option(
+    "--keep-days",
+    type=click.IntRange(min=1),
+    metavar="DAYS",
+    help="Keep runs of the last DAYS days (default: [history] keep_days, 90).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was deleted as JSON.")
 @_handle_errors
 def prune_command(config_file: str | None, keep_days: int | None, as_json: bool) -> None:
@@ -282,9 +321,11 @@ def prune_command(config_file: str | None, keep_days: int | None, as_json: bool)
     if as_json:
         _print_json(data)
         return
-    click.echo(f"pruned runs started before {data['cutoff']} (keep_days = {days}): "
-               f"{pruned.runs} runs, {pruned.updates} updates, {pruned.changes} changes, "
-               f"{pruned.deliveries} delivery attempts")
+    click.echo(
+        f"pruned runs started before {data['cutoff']} (keep_days = {days}): "
+        f"{pruned.runs} runs, {pruned.updates} updates, {pruned.changes} changes, "
+        f"{pruned.deliveries} delivery attempts"
+    )
 
 
 @main.command("check")
@@ -315,8 +356,13 @@ def check_command(config_file: str | None, as_json: bool) -> None:
 
 @main.command("history")
 @config_option
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1),
-              help="How many runs to show.")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many runs to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
 @_handle_errors
 def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
@@ -342,12 +388,14 @@ def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
         return
 
     def for_terminal(conn: Any) -> tuple[Any, ...]:
-        return ({**history_core.run_summary(conn, run_id),
-                 **history_core.run_left_out(conn, run_id)},
-                history_core.run_changes(conn, run_id, views.ROWS),
-                history_core.run_deliveries(conn, run_id, views.ROWS, unacknowledged_only=True),
-                history_core.run_totals(conn, run_id),
-                history_core.run_causes(conn, run_id))
+        return (
+            {**history_core.run_summary(conn, run_id), **history_core.run_left_out(conn, run_id)},
+            history_core.run_changes(conn, run_id, views.ROWS),
+            history_core.run_deliveries(conn, run_id, views.ROWS, unacknowledged_only=True),
+            history_core.run_totals(conn, run_id),
+            history_core.run_causes(conn, run_id),
+        )
+
     views.print_run(views.console(), *_read(engine, for_terminal))
 
 

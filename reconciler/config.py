@@ -21,13 +21,30 @@ from reconciler.redact import Redactor
 from reconciler.secret import Secret
 
 PROFILE_FIELDS = (
-    "anonymous_id", "email", "first_name", "last_name", "name", "title", "phone",
-    "linked_in", "twitter", "company_id", "company_name",
+    "anonymous_id",
+    "email",
+    "first_name",
+    "last_name",
+    "name",
+    "title",
+    "phone",
+    "linked_in",
+    "twitter",
+    "company_id",
+    "company_name",
 )
 # The optional columns of the [accounts] query (SPEC §9), beside group_id and user_id.
 ACCOUNT_FIELDS = (
-    "name", "description", "email", "website", "created_at", "street", "city", "state",
-    "postal_code", "country",
+    "name",
+    "description",
+    "email",
+    "website",
+    "created_at",
+    "street",
+    "city",
+    "state",
+    "postal_code",
+    "country",
 )
 MAX_CONCURRENCY = 20  # ChartMogul answers 503 above 20 parallel connections.
 MAX_KEY_LENGTH = 255  # the state database's key columns
@@ -128,8 +145,10 @@ class Config:
     def redact(self) -> Redactor:
         """The one redactor of this configuration: masks the webhook URL and the
         database passwords in any text (SPEC §8). Built once, where the config is."""
-        return Redactor(webhook_url=self.destination.webhook_url,
-                        database_urls=(self.database_url, self.source_url))
+        return Redactor(
+            webhook_url=self.destination.webhook_url,
+            database_urls=(self.database_url, self.source_url),
+        )
 
 
 def is_loopback_host(host: str) -> bool:
@@ -153,18 +172,27 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        origin = (" (the path comes from RECONCILER_CONFIG)"
-                  if env.get("RECONCILER_CONFIG") == where else "")
-        raise ConfigError(where, "file", f"not found{origin}",
-                          "create it, pass --config PATH or set RECONCILER_CONFIG") from None
+        origin = (
+            " (the path comes from RECONCILER_CONFIG)"
+            if env.get("RECONCILER_CONFIG") == where
+            else ""
+        )
+        raise ConfigError(
+            where,
+            "file",
+            f"not found{origin}",
+            "create it, pass --config PATH or set RECONCILER_CONFIG",
+        ) from None
     except IsADirectoryError:
-        raise ConfigError(where, "file", "is a directory",
-                          "pass the path of the .toml file itself") from None
+        raise ConfigError(
+            where, "file", "is a directory", "pass the path of the .toml file itself"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(where, "file", "is not UTF-8 text", "save it as UTF-8") from None
     except OSError as exc:
-        raise ConfigError(where, "file", f"cannot be read ({exc.strerror})",
-                          "check its permissions") from None
+        raise ConfigError(
+            where, "file", f"cannot be read ({exc.strerror})", "check its permissions"
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -172,5 +200,3 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
     from reconciler.config_reader import Reader  # the validation rules, one module of their own
 
     return Reader(where).config(raw, env)
-
-

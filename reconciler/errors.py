@@ -66,8 +66,15 @@ class RunHalted(ReconcilerError):
 
     exit_status = 4
 
-    def __init__(self, message: str, verdict: object, *, users_seen: int = 0,
-                 rows_ignored: int = 0, pending: int = 0) -> None:
+    def __init__(
+        self,
+        message: str,
+        verdict: object,
+        *,
+        users_seen: int = 0,
+        rows_ignored: int = 0,
+        pending: int = 0,
+    ) -> None:
         self.verdict = verdict
         # What the halted run saw, for its result: it planned nothing.
         self.users_seen, self.rows_ignored, self.pending = users_seen, rows_ignored, pending

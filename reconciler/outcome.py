@@ -54,8 +54,7 @@ class Seams:
 
 
 def _by_kind() -> dict[str, dict[str, int]]:
-    return {kind: dict.fromkeys(("sent", "failed", "skipped", "pending"), 0)
-            for kind in SEND_ORDER}
+    return {kind: dict.fromkeys(("sent", "failed", "skipped", "pending"), 0) for kind in SEND_ORDER}
 
 
 @dataclass

@@ -53,8 +53,9 @@ class Redactor:
     the path of any http(s) URL, and the password of any URL.
     """
 
-    def __init__(self, webhook_url: Secret | str | None = None,
-                 database_urls: tuple[str, ...] = ()):
+    def __init__(
+        self, webhook_url: Secret | str | None = None, database_urls: tuple[str, ...] = ()
+    ):
         secrets: dict[str, str] = {}
         if isinstance(webhook_url, Secret):
             webhook_url = webhook_url.reveal()
@@ -71,8 +72,12 @@ class Redactor:
             if password and len(str(password)) >= PASSWORD_MIN:
                 secrets.setdefault(str(password), MASK)
         for secret in list(secrets):
-            for variant in (quote(secret, safe=""), quote_plus(secret), unquote(secret),
-                            secret.replace("/", "\\/")):  # JSON may escape slashes
+            for variant in (
+                quote(secret, safe=""),
+                quote_plus(secret),
+                unquote(secret),
+                secret.replace("/", "\\/"),
+            ):  # JSON may escape slashes
                 secrets.setdefault(variant, secrets[secret])
         # Longest first, so a whole URL is masked before its parts.
         self._secrets = sorted(secrets.items(), key=lambda item: -len(item[0]))

@@ -43,8 +43,9 @@ __all__ = ["DryRunReport", "RunRequest", "RunResult", "Seams", "dry_run", "sync"
 LOCK_LOST = "stopped sending: the run lock was lost (its lease could not be renewed)"
 
 
-def sync(config: Config, engine: Engine, request: RunRequest | None = None,
-         seams: Seams | None = None) -> RunResult:
+def sync(
+    config: Config, engine: Engine, request: RunRequest | None = None, seams: Seams | None = None
+) -> RunResult:
     """Run once under the lock. Raises LockHeld (another run) or RunFailed."""
     request, seams = request or RunRequest(), seams or Seams()
     with _locked(engine) as lock:
@@ -104,12 +105,21 @@ def _start(config: Config, engine: Engine, request: RunRequest, lock: RunLock) -
     return run_id
 
 
-def _result(engine: Engine, config: Config, run_id: int, planned: Planned, sent: Sent,
-            seams: Seams, lock: RunLock) -> RunResult:
+def _result(
+    engine: Engine,
+    config: Config,
+    run_id: int,
+    planned: Planned,
+    sent: Sent,
+    seams: Seams,
+    lock: RunLock,
+) -> RunResult:
     """The finished run: counts of both phases, status, and why anything is left over."""
     counts = planned.counts
-    by_kind = {kind: {**sent.by_kind[kind], "skipped": planned.skipped_by_kind.get(kind, 0)}
-               for kind in sent.by_kind}
+    by_kind = {
+        kind: {**sent.by_kind[kind], "skipped": planned.skipped_by_kind.get(kind, 0)}
+        for kind in sent.by_kind
+    }
     left_over = bool(sent.failed or sent.pending or planned.failed_entries)
     error = config.redact("; ".join(planned.failed_entries)) or None
     if sent.failed or sent.pending:  # say why, grouped by cause (SPEC §4)
@@ -120,21 +130,40 @@ def _result(engine: Engine, config: Config, run_id: int, planned: Planned, sent:
     if lock.lost.is_set():  # another run took the lock over: we stopped sending
         error = join(error, LOCK_LOST)
     return RunResult(
-        run_id, "partial" if left_over else "succeeded", users_seen=planned.users_seen,
-        users_changed=counts.users, entered=counts.entered, exited=counts.exited,
-        traits_changed=counts.traits_changed, sent=sent.sent, failed=sent.failed,
-        skipped=counts.skipped, pending=sent.pending, rows_ignored=planned.rows_ignored,
-        resent=planned.resent, error=error, guard=planned.guard,
-        emails_left_out=counts.emails_left_out, linked_in_left_out=counts.linked_in_left_out,
-        accounts_seen=planned.accounts_seen, accounts_changed=counts.accounts,
-        by_kind=by_kind)
+        run_id,
+        "partial" if left_over else "succeeded",
+        users_seen=planned.users_seen,
+        users_changed=counts.users,
+        entered=counts.entered,
+        exited=counts.exited,
+        traits_changed=counts.traits_changed,
+        sent=sent.sent,
+        failed=sent.failed,
+        skipped=counts.skipped,
+        pending=sent.pending,
+        rows_ignored=planned.rows_ignored,
+        resent=planned.resent,
+        error=error,
+        guard=planned.guard,
+        emails_left_out=counts.emails_left_out,
+        linked_in_left_out=counts.linked_in_left_out,
+        accounts_seen=planned.accounts_seen,
+        accounts_changed=counts.accounts,
+        by_kind=by_kind,
+    )
 
 
 def _halted(run_id: int, halt: RunHalted, config: Config) -> RunResult:
     assert isinstance(halt.verdict, Verdict)
-    return RunResult(run_id, "halted", users_seen=halt.users_seen,
-                     rows_ignored=halt.rows_ignored, pending=halt.pending,
-                     error=config.redact(str(halt)), guard=halt.verdict)
+    return RunResult(
+        run_id,
+        "halted",
+        users_seen=halt.users_seen,
+        rows_ignored=halt.rows_ignored,
+        pending=halt.pending,
+        error=config.redact(str(halt)),
+        guard=halt.verdict,
+    )
 
 
 def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
@@ -143,19 +172,41 @@ def _record_keys(conn: Connection, config: Config, now: datetime) -> None:
     for entry in config.entries:
         row = known.get(entry.key)
         if row is None:
-            conn.execute(insert(entry_keys).values(key=entry.key, kind=entry.kind,
-                                                   name=entry.name, active=True,
-                                                   first_seen_at=now, entity=entry.entity))
-        elif (not row.active or row.name != entry.name or row.kind != entry.kind
-              or row.entity != entry.entity):
-            conn.execute(update(entry_keys).where(entry_keys.c.key == entry.key).values(
-                kind=entry.kind, name=entry.name, active=True, retired_at=None,
-                entity=entry.entity))
+            conn.execute(
+                insert(entry_keys).values(
+                    key=entry.key,
+                    kind=entry.kind,
+                    name=entry.name,
+                    active=True,
+                    first_seen_at=now,
+                    entity=entry.entity,
+                )
+            )
+        elif (
+            not row.active
+            or row.name != entry.name
+            or row.kind != entry.kind
+            or row.entity != entry.entity
+        ):
+            conn.execute(
+                update(entry_keys)
+                .where(entry_keys.c.key == entry.key)
+                .values(
+                    kind=entry.kind,
+                    name=entry.name,
+                    active=True,
+                    retired_at=None,
+                    entity=entry.entity,
+                )
+            )
     configured = {e.key for e in config.entries}
     for key, row in known.items():
         if row.active and key not in configured:
-            conn.execute(update(entry_keys).where(entry_keys.c.key == key)
-                         .values(active=False, retired_at=now))
+            conn.execute(
+                update(entry_keys)
+                .where(entry_keys.c.key == key)
+                .values(active=False, retired_at=now)
+            )
 
 
 def _finish(engine: Engine, result: RunResult, counts: bool = True) -> None:

@@ -62,8 +62,9 @@ def _minimum(column: Column, cells: list[Text], whole_words: bool = False) -> in
     return min(_natural(column, cells), TEXT_MIN)
 
 
-def _widths(columns: Sequence[Column], body: list[list[Text]], room: int,
-            whole_words: bool) -> list[int]:
+def _widths(
+    columns: Sequence[Column], body: list[list[Text]], room: int, whole_words: bool
+) -> list[int]:
     """Each column's content width: its minimum, then spare room to the `WORDS` columns
     up to their natural width (one line a cell; the nearest to it first, so that as many
     columns as possible get there), then shared among the `TEXT` columns."""
@@ -89,16 +90,33 @@ def _widths(columns: Sequence[Column], body: list[list[Text]], room: int,
     return widths
 
 
-def _table(title: str | Text | None, columns: Sequence[Column], widths: list[int],
-           rows: list[list[Text]], gap: int, show_header: bool = True) -> Table:
+def _table(
+    title: str | Text | None,
+    columns: Sequence[Column],
+    widths: list[int],
+    rows: list[list[Text]],
+    gap: int,
+    show_header: bool = True,
+) -> Table:
     # SIMPLE_HEAD: a rule under the header, a one-space column separator
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  padding=(0, gap - 1, 0, 0), pad_edge=False, header_style="bold",
-                  show_header=show_header)
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, gap - 1, 0, 0),
+        pad_edge=False,
+        header_style="bold",
+        show_header=show_header,
+    )
     for column, width in zip(columns, widths, strict=True):
-        table.add_column(column.header, width=width, no_wrap=column.kind == NUMBER,
-                         justify="right" if column.kind == NUMBER else "left",
-                         overflow="fold")
+        table.add_column(
+            column.header,
+            width=width,
+            no_wrap=column.kind == NUMBER,
+            justify="right" if column.kind == NUMBER else "left",
+            overflow="fold",
+        )
     for row in rows:
         table.add_row(*row)
     return table
@@ -109,8 +127,9 @@ def _width(out: Console, table: Table) -> int:
     return Measurement.get(out, out.options.update_width(1 << 20), table).maximum
 
 
-def _fit(out: Console, columns: Sequence[Column], body: list[list[Text]],
-         whole_words: bool, gap: int) -> list[int] | None:
+def _fit(
+    out: Console, columns: Sequence[Column], body: list[list[Text]], whole_words: bool, gap: int
+) -> list[int] | None:
     """The column widths at this console's width, or None when the minimums do not fit
     (with `whole_words`, a `WORDS` column's minimum is its longest cell)."""
     probe = _table(None, columns, [1] * len(columns), body, gap)
@@ -118,14 +137,21 @@ def _fit(out: Console, columns: Sequence[Column], body: list[list[Text]],
     widths = _widths(columns, body, out.width - overhead, whole_words)
     fits = _width(out, _table(None, columns, widths, body, gap)) <= out.width
     # A text squeezed into more than TEXT_LINES lines reads better under its row.
-    squeezed = any(row[i].cell_len > TEXT_LINES * width for row in body
-                   for i, (c, width) in enumerate(zip(columns, widths, strict=True))
-                   if c.kind == TEXT)
+    squeezed = any(
+        row[i].cell_len > TEXT_LINES * width
+        for row in body
+        for i, (c, width) in enumerate(zip(columns, widths, strict=True))
+        if c.kind == TEXT
+    )
     return widths if fits and not squeezed else None
 
 
-def print_table(out: Console, columns: Sequence[Column], rows: Sequence[Sequence[Cell]],
-                title: str | Text | None = None) -> None:
+def print_table(
+    out: Console,
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[Cell]],
+    title: str | Text | None = None,
+) -> None:
     """Print `rows` under `columns` in the first layout (see the module) that fits."""
     if title is not None:
         # On a line of its own: rich would wrap a title to the width of a narrow table.
@@ -148,9 +174,15 @@ def print_table(out: Console, columns: Sequence[Column], rows: Sequence[Sequence
     _print_blocks(out, title, columns, body)
 
 
-def _print_texts_under(out: Console, title: str | Text | None, columns: Sequence[Column],
-                       body: list[list[Text]], kept: list[Column], widths: list[int],
-                       gap: int) -> None:
+def _print_texts_under(
+    out: Console,
+    title: str | Text | None,
+    columns: Sequence[Column],
+    body: list[list[Text]],
+    kept: list[Column],
+    widths: list[int],
+    gap: int,
+) -> None:
     """The table without its `TEXT` columns, each row's texts on the lines under it."""
     out.print(_table(title, kept, widths, [], gap))
     indent = Text(" " * min(widths[0] + gap, 4 * INDENT))  # under the second column
@@ -171,12 +203,16 @@ def _print_text(out: Console, label: Text, column: Column, cell: Text) -> None:
         room = out.width - INDENT * 2
     lines = cell.wrap(out, room, overflow="fold")
     for n, line in enumerate(lines):
-        out.print(Text.assemble(prefix if n == 0 else " " * (out.width - room), line),
-                  overflow="fold", crop=False)
+        out.print(
+            Text.assemble(prefix if n == 0 else " " * (out.width - room), line),
+            overflow="fold",
+            crop=False,
+        )
 
 
-def _print_blocks(out: Console, title: str | Text | None, columns: Sequence[Column],
-                  body: list[list[Text]]) -> None:
+def _print_blocks(
+    out: Console, title: str | Text | None, columns: Sequence[Column], body: list[list[Text]]
+) -> None:
     """One block a row: its `header value` pairs packed into lines (short texts too),
     then its long texts; a blank line between blocks unless each is one line."""
     if title:
@@ -192,8 +228,9 @@ def _print_blocks(out: Console, title: str | Text | None, columns: Sequence[Colu
             _print_text(out, Text(" " * INDENT), columns[i], row[i])
 
 
-def _block(out: Console, columns: Sequence[Column], row: list[Text]
-           ) -> tuple[list[Text], list[int]]:
+def _block(
+    out: Console, columns: Sequence[Column], row: list[Text]
+) -> tuple[list[Text], list[int]]:
     """A row's packed lines, and which of its cells are texts too long to pack."""
     lines: list[Text] = []
     long = [i for i, c in enumerate(columns) if c.kind == TEXT and _is_long(row[i])]

@@ -53,8 +53,7 @@ def pg_url(pg_admin: str) -> Iterator[str]:
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield pg_admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") \
-        + f"/{name}"
+    yield pg_admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -82,8 +81,10 @@ class Warehouse:
         self.url = f"sqlite:///{path}"
         self.execute("CREATE TABLE members (audience TEXT, user_id TEXT)")
         self.execute("CREATE TABLE traits (trait TEXT, user_id TEXT, value)")
-        self.execute("CREATE TABLE users (user_id TEXT, email TEXT, first_name TEXT, "
-                     "last_name TEXT, company_id, company_name TEXT, anonymous_id TEXT)")
+        self.execute(
+            "CREATE TABLE users (user_id TEXT, email TEXT, first_name TEXT, "
+            "last_name TEXT, company_id, company_name TEXT, anonymous_id TEXT)"
+        )
 
     def execute(self, sql: str, *params: Any) -> None:
         with sqlite3.connect(self.path) as conn:
@@ -96,18 +97,21 @@ class Warehouse:
     def members(self, audience: str, *user_ids: str) -> None:
         """Set an audience's members exactly."""
         self.execute("DELETE FROM members WHERE audience = ?", audience)
-        self.executemany("INSERT INTO members VALUES (?, ?)",
-                         [(audience, u) for u in user_ids])
+        self.executemany("INSERT INTO members VALUES (?, ?)", [(audience, u) for u in user_ids])
 
     def trait(self, trait: str, values: dict[str, Any]) -> None:
         self.execute("DELETE FROM traits WHERE trait = ?", trait)
-        self.executemany("INSERT INTO traits VALUES (?, ?, ?)",
-                         [(trait, u, v) for u, v in values.items()])
+        self.executemany(
+            "INSERT INTO traits VALUES (?, ?, ?)", [(trait, u, v) for u, v in values.items()]
+        )
 
     def user(self, user_id: str, **fields: Any) -> None:
         columns = ["user_id", *fields]
-        self.execute(f"INSERT INTO users ({', '.join(columns)}) VALUES "
-                     f"({', '.join('?' for _ in columns)})", user_id, *fields.values())
+        self.execute(
+            f"INSERT INTO users ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+            user_id,
+            *fields.values(),
+        )
 
 
 @pytest.fixture
@@ -124,12 +128,16 @@ class Setup:
     warehouse: Warehouse
     receiver: Receiver
 
-    def config_text(self, audiences: tuple[str, ...] = ("Order Completed Last 30 Days",
-                                                        "High Value Users"),
-                    traits: tuple[str, ...] = ("Lifetime Value",),
-                    destination: str = "", extra: str = "",
-                    webhook_url: str | None = None) -> str:
-        parts = [f"""
+    def config_text(
+        self,
+        audiences: tuple[str, ...] = ("Order Completed Last 30 Days", "High Value Users"),
+        traits: tuple[str, ...] = ("Lifetime Value",),
+        destination: str = "",
+        extra: str = "",
+        webhook_url: str | None = None,
+    ) -> str:
+        parts = [
+            f"""
             [database]
             url = "{self.state_url}"
 
@@ -146,7 +154,8 @@ class Setup:
             [profile]
             query = '''SELECT user_id, email, first_name, last_name, company_id,
                 company_name, anonymous_id FROM users'''
-            """]
+            """
+        ]
         for name in audiences:
             parts.append(f"""
             [[audiences]]
@@ -177,8 +186,9 @@ class Setup:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, state_url: str, warehouse: Warehouse, receiver: Receiver
-          ) -> Iterator[Setup]:
+def setup(
+    tmp_path: Path, state_url: str, warehouse: Warehouse, receiver: Receiver
+) -> Iterator[Setup]:
     yield Setup(tmp_path, state_url, warehouse, receiver)
 
 
@@ -190,6 +200,7 @@ def engine_of() -> Iterator[Callable[[Setup], Engine]]:
         engine = s.engine()
         engines.append(engine)
         return engine
+
     yield make
     for engine in engines:
         engine.dispose()

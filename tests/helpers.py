@@ -21,8 +21,12 @@ if TYPE_CHECKING:
     from .conftest import Setup
 
 # The variables that would override a test's config file.
-ENV_VARS = ("RECONCILER_CONFIG", "RECONCILER_DATABASE_URL", "RECONCILER_SOURCE_URL",
-            "CHARTMOGUL_WEBHOOK_URL")
+ENV_VARS = (
+    "RECONCILER_CONFIG",
+    "RECONCILER_DATABASE_URL",
+    "RECONCILER_SOURCE_URL",
+    "CHARTMOGUL_WEBHOOK_URL",
+)
 # For CliRunner's `env`: None unsets a variable for the command.
 CLI_ENV: dict[str, str | None] = dict.fromkeys(ENV_VARS)
 
@@ -30,8 +34,11 @@ CLI_ENV: dict[str, str | None] = dict.fromkeys(ENV_VARS)
 def clean_env() -> dict[str, str]:
     """For a subprocess: this environment without variables that would override the
     test's config."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("RECONCILER_") and k != "CHARTMOGUL_WEBHOOK_URL"}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RECONCILER_") and k != "CHARTMOGUL_WEBHOOK_URL"
+    }
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -66,8 +73,7 @@ def assert_one_clean_line(result: Result, status: int) -> str:
     """The command failed with `status` and said why in one stderr line, no traceback."""
     assert result.exit_code == status, result.output
     assert "Traceback" not in result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception,
-                                                                       SystemExit)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("reconciler: ")

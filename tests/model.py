@@ -33,8 +33,10 @@ class Source:
     def fill(self) -> None:
         for user in USERS:
             self.setup.warehouse.user(user, email=f"{user}@example.com")
-        self.members = {key: {u for u in USERS if self.rng.random() < share}
-                        for key, share in ((HV, 0.4), (OC, 0.3))}
+        self.members = {
+            key: {u for u in USERS if self.rng.random() < share}
+            for key, share in ((HV, 0.4), (OC, 0.3))
+        }
         self.ltv = {u: self.new_value() for u in USERS if self.rng.random() < 0.5}
         self.write()
 
@@ -45,8 +47,11 @@ class Source:
     def change(self, engine: Engine, count: int) -> None:
         """Change `count` random users; users with a live update only get new trait values."""
         with engine.connect() as conn:
-            live = set(conn.execute(select(updates.c.user_id).where(
-                updates.c.status.in_(("pending", "rejected")))).scalars())
+            live = set(
+                conn.execute(
+                    select(updates.c.user_id).where(updates.c.status.in_(("pending", "rejected")))
+                ).scalars()
+            )
         for user in self.rng.sample(USERS, count):
             if user not in live:
                 for key in self.members:

@@ -30,11 +30,11 @@ def wait_for(what: str, predicate: Callable[[], Any], process: Daemon | None = N
         if value:
             return value
         if process is not None and process.proc.poll() is not None:
-            raise AssertionError(f"daemon exited ({process.proc.returncode}) before {what}:\n"
-                                 f"{process.log()}")
+            raise AssertionError(
+                f"daemon exited ({process.proc.returncode}) before {what}:\n{process.log()}"
+            )
         time.sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}"
-                         + (f":\n{process.log()}" if process else ""))
+    raise AssertionError(f"gave up waiting for {what}" + (f":\n{process.log()}" if process else ""))
 
 
 def free_port() -> int:
@@ -49,9 +49,12 @@ class Daemon:
     def __init__(self, config: Path, *args: str) -> None:
         self.stderr_path = config.with_suffix(".stderr")
         self._stderr = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen([RECONCILER, "daemon", "--config", str(config), *args],
-                                     stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                     env=clean_env())
+        self.proc = subprocess.Popen(
+            [RECONCILER, "daemon", "--config", str(config), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=clean_env(),
+        )
 
     def log(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -73,8 +76,9 @@ class Daemon:
 
 def finished_runs(engine: Engine) -> list[Any]:
     with engine.connect() as conn:
-        return conn.execute(select(sync_runs).where(sync_runs.c.status != "running")
-                            .order_by(sync_runs.c.id)).all()
+        return conn.execute(
+            select(sync_runs).where(sync_runs.c.status != "running").order_by(sync_runs.c.id)
+        ).all()
 
 
 def all_runs(engine: Engine) -> list[Any]:

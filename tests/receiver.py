@@ -29,14 +29,15 @@ class Reply:
     status: int = 200
     body: str = "ok"
     headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0      # seconds to wait before answering
-    drop: bool = False      # close the connection without answering
+    delay: float = 0.0  # seconds to wait before answering
+    drop: bool = False  # close the connection without answering
     apply: bool | None = None  # the body takes effect in `held`; None: if 2xx
     then: Callable[[], object] | None = None  # after applying, before answering
 
     @property
     def applies(self) -> bool:
         return self.apply if self.apply is not None else 200 <= self.status < 300
+
     # Answer only once this event is set (at most HOLD_LIMIT seconds): orders requests
     # across threads without guessing how long anything takes.
     hold: threading.Event | None = None
@@ -81,12 +82,20 @@ class Receiver:
                 with receiver._lock:
                     number = len(receiver.requests) + 1
                     reply = receiver.respond(number, body)
-                    receiver.requests.append(Received(self.path, dict(self.headers), body,
-                                                      time.monotonic(), reply.status,
-                                                      reply.applies))
+                    receiver.requests.append(
+                        Received(
+                            self.path,
+                            dict(self.headers),
+                            body,
+                            time.monotonic(),
+                            reply.status,
+                            reply.applies,
+                        )
+                    )
                     if reply.applies:
                         receiver.held.setdefault(str(body.get("user_id", "")), {}).update(
-                            {item["key"]: item["value"] for item in body.get("custom", [])})
+                            {item["key"]: item["value"] for item in body.get("custom", [])}
+                        )
                 if reply.then is not None:
                     reply.then()
                 if reply.hold is not None:
@@ -115,8 +124,7 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         # A short poll: shutdown() waits for it at every test's teardown.
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:

@@ -20,8 +20,20 @@ from .receiver import Reply
 EA = "enterprise_accounts"
 SEATS = "seats"
 HV = "high_value_users"
-ACCOUNT_COLUMNS = ("group_id", "user_id", "name", "description", "email", "website",
-                   "created_at", "street", "city", "state", "postal_code", "country")
+ACCOUNT_COLUMNS = (
+    "group_id",
+    "user_id",
+    "name",
+    "description",
+    "email",
+    "website",
+    "created_at",
+    "street",
+    "city",
+    "state",
+    "postal_code",
+    "country",
+)
 
 ACCOUNTS = """
 [accounts]
@@ -46,20 +58,26 @@ def add_account_tables(w: Warehouse) -> None:
 
 def company(w: Warehouse, group_id: Any, user_id: Any, **fields: Any) -> None:
     columns = ["group_id", "user_id", *fields]
-    w.execute(f"INSERT INTO companies ({', '.join(columns)}) VALUES "
-              f"({', '.join('?' for _ in columns)})", group_id, user_id, *fields.values())
+    w.execute(
+        f"INSERT INTO companies ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+        group_id,
+        user_id,
+        *fields.values(),
+    )
 
 
 def account_members(w: Warehouse, *group_ids: Any) -> None:
     w.execute("DELETE FROM account_members")
-    w.executemany("INSERT INTO account_members VALUES (?, ?)",
-                  [("Enterprise Accounts", g) for g in group_ids])
+    w.executemany(
+        "INSERT INTO account_members VALUES (?, ?)", [("Enterprise Accounts", g) for g in group_ids]
+    )
 
 
 def seats(w: Warehouse, values: dict[Any, Any]) -> None:
     w.execute("DELETE FROM account_traits")
-    w.executemany("INSERT INTO account_traits VALUES (?, ?, ?)",
-                  [("Seats", g, v) for g, v in values.items()])
+    w.executemany(
+        "INSERT INTO account_traits VALUES (?, ?, ?)", [("Seats", g, v) for g, v in values.items()]
+    )
 
 
 def sync(setup: Setup, *args: str, extra: str = ACCOUNTS, **config: Any) -> Result:
@@ -99,12 +117,34 @@ def accounts(setup: Setup) -> Setup:
     """Two accounts: g1 (two rows, full fields, enterprise, 120 seats) and g2 (bare)."""
     w = setup.warehouse
     add_account_tables(w)
-    company(w, "g1", "u2", name="Acme", description="Rockets", email="ops@acme.com",
-            website="https://acme.example", created_at="2024-03-01 10:00:00",
-            street="1 Main St", city="Paris", postal_code=75001, country="FR")
-    company(w, "g1", "u10", name="Acme", description="Rockets", email="ops@acme.com",
-            website="https://acme.example", created_at="2024-03-01 10:00:00",
-            street="1 Main St", city="Paris", postal_code=75001, country="FR")
+    company(
+        w,
+        "g1",
+        "u2",
+        name="Acme",
+        description="Rockets",
+        email="ops@acme.com",
+        website="https://acme.example",
+        created_at="2024-03-01 10:00:00",
+        street="1 Main St",
+        city="Paris",
+        postal_code=75001,
+        country="FR",
+    )
+    company(
+        w,
+        "g1",
+        "u10",
+        name="Acme",
+        description="Rockets",
+        email="ops@acme.com",
+        website="https://acme.example",
+        created_at="2024-03-01 10:00:00",
+        street="1 Main St",
+        city="Paris",
+        postal_code=75001,
+        country="FR",
+    )
     company(w, "g2", "u3")
     account_members(w, "g1")
     seats(w, {"g1": 120})
@@ -125,18 +165,39 @@ def test_first_sync_sends_every_account_with_its_fields(accounts, engine_of):
     got = customers(accounts)
     assert set(got) == {"g1", "g2"}
     g1 = got["g1"]
-    assert list(g1) == ["type", "message_id", "timestamp", "user_id", "group_id", "name",
-                        "description", "email", "website", "created_at", "address", "custom",
-                        "sent_at"]
+    assert list(g1) == [
+        "type",
+        "message_id",
+        "timestamp",
+        "user_id",
+        "group_id",
+        "name",
+        "description",
+        "email",
+        "website",
+        "created_at",
+        "address",
+        "custom",
+        "sent_at",
+    ]
     assert {k: v for k, v in g1.items() if k not in ("message_id", "timestamp", "sent_at")} == {
-        "type": "Send Customer", "user_id": "u10", "group_id": "g1", "name": "Acme",
-        "description": "Rockets", "email": "ops@acme.com", "website": "https://acme.example",
+        "type": "Send Customer",
+        "user_id": "u10",
+        "group_id": "g1",
+        "name": "Acme",
+        "description": "Rockets",
+        "email": "ops@acme.com",
+        "website": "https://acme.example",
         "created_at": "2024-03-01T10:00:00.000Z",
-        "address": {"street": "1 Main St", "city": "Paris", "postal_code": "75001",
-                    "country": "FR"},
-        "custom": [{"key": EA, "value": True}, {"key": SEATS, "value": 120}]}
-    assert list(got["g2"]) == ["type", "message_id", "timestamp", "user_id", "group_id",
-                               "sent_at"]
+        "address": {
+            "street": "1 Main St",
+            "city": "Paris",
+            "postal_code": "75001",
+            "country": "FR",
+        },
+        "custom": [{"key": EA, "value": True}, {"key": SEATS, "value": 120}],
+    }
+    assert list(got["g2"]) == ["type", "message_id", "timestamp", "user_id", "group_id", "sent_at"]
     assert got["g2"]["user_id"] == "u3"
     run = last_run(engine_of(accounts))
     assert (run.accounts_seen, run.accounts_changed, run.users_changed) == (2, 2, 0)
@@ -158,8 +219,12 @@ def test_a_field_change_sends_one_send_customer_with_all_fields(synced):
     assert sync(setup).exit_code == 0
     (body,) = setup.receiver.bodies()
     assert body["group_id"] == "g1" and "custom" not in body
-    assert body["address"] == {"street": "1 Main St", "city": "Lyon", "postal_code": "75001",
-                               "country": "FR"}
+    assert body["address"] == {
+        "street": "1 Main St",
+        "city": "Lyon",
+        "postal_code": "75001",
+        "country": "FR",
+    }
     assert (body["name"], body["email"], body["user_id"]) == ("Acme", "ops@acme.com", "u10")
 
 
@@ -189,8 +254,10 @@ def test_an_account_trait_change_is_sent_and_counted(synced):
     setup, engine = synced
     seats(setup.warehouse, {"g1": 150, "g2": 5})
     assert sync(setup).exit_code == 0
-    assert {g: custom(b) for g, b in customers(setup).items()} == {"g1": {SEATS: 150},
-                                                                   "g2": {SEATS: 5}}
+    assert {g: custom(b) for g, b in customers(setup).items()} == {
+        "g1": {SEATS: 150},
+        "g2": {SEATS: 5},
+    }
     run = last_run(engine)
     assert (run.traits_changed, run.accounts_changed, run.sent) == (2, 2, 2)
 
@@ -209,31 +276,45 @@ def test_customers_are_sent_before_the_contacts_of_the_same_run(mixed, engine_of
     kinds = [b["type"] for b in mixed.receiver.bodies()]
     assert kinds == ["Send Customer"] * 2 + ["Send Contact"] * 4
     with engine_of(mixed).connect() as conn:
-        ids = dict(conn.execute(select(updates.c.entity, updates.c.id)
-                                .order_by(updates.c.id)).all())
-        first_contact = conn.execute(select(updates.c.id).where(
-            updates.c.entity == "contact").order_by(updates.c.id)).scalars().first()
+        ids = dict(
+            conn.execute(select(updates.c.entity, updates.c.id).order_by(updates.c.id)).all()
+        )
+        first_contact = (
+            conn.execute(
+                select(updates.c.id).where(updates.c.entity == "contact").order_by(updates.c.id)
+            )
+            .scalars()
+            .first()
+        )
     assert ids["customer"] < first_contact  # planned first too
 
 
 def test_pending_contacts_of_an_earlier_run_wait_for_this_runs_customers(mixed, engine_of):
-    mixed.receiver.respond = lambda _n, body: Reply(503 if body.get("user_id") == "u4"
-                                                    and body["type"] == "Send Contact"
-                                                    else 200)
+    mixed.receiver.respond = lambda _n, body: Reply(
+        503 if body.get("user_id") == "u4" and body["type"] == "Send Contact" else 200
+    )
     assert sync(mixed, destination="max_attempts = 1").exit_code == 1
     mixed.receiver.respond = lambda _n, body: Reply(200)
     mixed.receiver.clear()
     seats(mixed.warehouse, {"g1": 120, "g2": 9})
     assert sync(mixed).exit_code == 0
-    assert [(b["type"], b.get("group_id") or b["user_id"])
-            for b in mixed.receiver.bodies()] == [("Send Customer", "g2"),
-                                                  ("Send Contact", "u4")]
+    assert [(b["type"], b.get("group_id") or b["user_id"]) for b in mixed.receiver.bodies()] == [
+        ("Send Customer", "g2"),
+        ("Send Contact", "u4"),
+    ]
     with engine_of(mixed).connect() as conn:
-        pending_contact = conn.execute(select(updates.c.id).where(
-            updates.c.user_id == "u4", updates.c.entity == "contact")).scalar_one()
-        new_customer = conn.execute(select(updates.c.id).where(
-            updates.c.user_id == "g2", updates.c.status == "sent")
-            .order_by(updates.c.id.desc())).scalars().first()
+        pending_contact = conn.execute(
+            select(updates.c.id).where(updates.c.user_id == "u4", updates.c.entity == "contact")
+        ).scalar_one()
+        new_customer = (
+            conn.execute(
+                select(updates.c.id)
+                .where(updates.c.user_id == "g2", updates.c.status == "sent")
+                .order_by(updates.c.id.desc())
+            )
+            .scalars()
+            .first()
+        )
     assert pending_contact < new_customer  # an older id, and still sent after it
 
 
@@ -247,8 +328,7 @@ def test_a_pending_customer_is_resent_with_its_id(synced):
     setup.receiver.clear()
     assert sync(setup).exit_code == 0
     (again,) = setup.receiver.bodies()
-    assert (again["message_id"], again["timestamp"]) == (first["message_id"],
-                                                         first["timestamp"])
+    assert (again["message_id"], again["timestamp"]) == (first["message_id"], first["timestamp"])
 
 
 def test_a_rejected_customer_waits_for_a_change(synced):
@@ -258,8 +338,7 @@ def test_a_rejected_customer_waits_for_a_change(synced):
     assert sync(setup).exit_code == 1
     with engine.connect() as conn:
         rejected = conn.execute(select(updates).where(updates.c.status == "rejected")).one()
-    assert (rejected.entity, rejected.user_id, rejected.last_status_code) == (
-        "customer", "g1", 422)
+    assert (rejected.entity, rejected.user_id, rejected.last_status_code) == ("customer", "g1", 422)
     setup.receiver.respond = lambda _n, body: Reply(200)
     setup.receiver.clear()
     assert sync(setup).exit_code == 0 and setup.receiver.bodies() == []
@@ -276,10 +355,18 @@ def test_an_account_without_a_user_id_is_skipped_and_settled(accounts, engine_of
     assert set(customers(accounts)) == {"g1", "g2"}
     engine = engine_of(accounts)
     with engine.connect() as conn:
-        skipped = conn.execute(select(updates.c.user_id, updates.c.note).where(
-            updates.c.status == "skipped").order_by(updates.c.user_id)).all()
-        settled = conn.execute(select(acked.c.user_id).where(
-            acked.c.entity == "customer", acked.c.key == EA)).scalars().all()
+        skipped = conn.execute(
+            select(updates.c.user_id, updates.c.note)
+            .where(updates.c.status == "skipped")
+            .order_by(updates.c.user_id)
+        ).all()
+        settled = (
+            conn.execute(
+                select(acked.c.user_id).where(acked.c.entity == "customer", acked.c.key == EA)
+            )
+            .scalars()
+            .all()
+        )
     assert [u for u, _ in skipped] == ["g3", "g4"]
     assert all(note.startswith("no user_id") for _, note in skipped)
     assert sorted(settled) == ["g1", "g3", "g4"]
@@ -299,8 +386,11 @@ def test_a_user_and_an_account_with_the_same_id_never_share_state_or_ids(account
     assert user["message_id"] != account["message_id"]
     engine = engine_of(accounts)
     with engine.connect() as conn:
-        versions = conn.execute(select(ack_versions.c.entity, ack_versions.c.version).where(
-            ack_versions.c.user_id == "42").order_by(ack_versions.c.entity)).all()
+        versions = conn.execute(
+            select(ack_versions.c.entity, ack_versions.c.version)
+            .where(ack_versions.c.user_id == "42")
+            .order_by(ack_versions.c.entity)
+        ).all()
     assert [tuple(v) for v in versions] == [("contact", 1), ("customer", 1)]
     shown = json.loads(command(accounts, "user", "42", "--json").stdout)
     assert set(shown["acknowledged"]) == {HV}
@@ -333,13 +423,20 @@ def test_show_names_the_kind_of_every_change_and_delivery(mixed, engine_of):
     assert sync(mixed).exit_code == 0
     run = json.loads(command(mixed, "show", "1", "--json").stdout)
     assert {(c["entity"], c["user_id"]) for c in run["changes"] if c["key"] in (EA, HV)} == {
-        ("customer", "g1"), *(("contact", u) for u in ("u1", "u2", "u3", "u4"))}
+        ("customer", "g1"),
+        *(("contact", u) for u in ("u1", "u2", "u3", "u4")),
+    }
     assert {d["entity"] for d in run["deliveries"]} == {"contact", "customer"}
     terminal = command(mixed, "show", "1")
     assert "customer" in terminal.stdout and "contact" in terminal.stdout
     with engine_of(mixed).connect() as conn:
-        kinds = set(conn.execute(select(changes.c.entity, updates.c.entity).join(
-            updates, updates.c.id == changes.c.update_id)).all())
+        kinds = set(
+            conn.execute(
+                select(changes.c.entity, updates.c.entity).join(
+                    updates, updates.c.id == changes.c.update_id
+                )
+            ).all()
+        )
     assert kinds == {("contact", "contact"), ("customer", "customer")}
 
 
@@ -359,7 +456,9 @@ def test_resync_of_an_account_key(synced):
     setup.receiver.clear()
     assert command(setup, "resync").exit_code == 0
     assert {g: custom(b) for g, b in customers(setup).items()} == {
-        "g1": {EA: True, SEATS: 120}, "g2": {}}
+        "g1": {EA: True, SEATS: 120},
+        "g2": {},
+    }
     setup.receiver.clear()
     assert sync(setup).exit_code == 0 and setup.receiver.bodies() == []
 
@@ -379,6 +478,7 @@ def test_dry_run_counts_accounts_and_keeps_nothing(accounts, engine_of):
 
 # Config errors: exit 2, one line naming the entry and the fix, nothing written.
 
+
 def config_error(setup: Setup, extra: str) -> str:
     result = cli("sync", "--config", str(setup.write(extra=extra)))
     assert result.exit_code == 2, result.output
@@ -388,7 +488,7 @@ def config_error(setup: Setup, extra: str) -> str:
 
 
 def test_account_entries_need_an_accounts_section(accounts):
-    error = config_error(accounts, ACCOUNTS[ACCOUNTS.index("[[account_audiences]]"):])
+    error = config_error(accounts, ACCOUNTS[ACCOUNTS.index("[[account_audiences]]") :])
     assert '[[account_audiences]] "Enterprise Accounts"' in error
     assert "needs an [accounts] section" in error and "SELECT group_id, user_id" in error
 
@@ -413,17 +513,20 @@ def test_an_accounts_query_without_group_id_fails_the_run(accounts, engine_of):
 def test_an_account_audience_without_group_id_fails_that_entry(synced):
     setup, engine = synced
     seats(setup.warehouse, {"g1": 7})
-    extra = ACCOUNTS.replace("SELECT group_id FROM account_members",
-                             "SELECT group_id AS gid FROM account_members")
+    extra = ACCOUNTS.replace(
+        "SELECT group_id FROM account_members", "SELECT group_id AS gid FROM account_members"
+    )
     result = sync(setup, extra=extra)
     assert result.exit_code == 1
-    assert ('account audience "Enterprise Accounts": query returned columns (gid) but needs '
-            "group_id") in result.output
+    assert (
+        'account audience "Enterprise Accounts": query returned columns (gid) but needs group_id'
+    ) in result.output
     assert [custom(b) for b in setup.receiver.bodies()] == [{SEATS: 7}]
     assert last_run(engine).status == "partial"
 
 
 # [profile] send_changes
+
 
 def test_contact_field_change_alone_sends_nothing_by_default(mixed):
     assert sync(mixed).exit_code == 0
@@ -438,7 +541,7 @@ SEND_CHANGES = "query = '''SELECT user_id, email,"
 def with_send_changes(setup: Setup) -> None:
     text = setup.config_text(extra=ACCOUNTS)
     start = text.index("[profile]")
-    text = text[:start] + "[profile]\nsend_changes = true\n" + text[start + len("[profile]\n"):]
+    text = text[:start] + "[profile]\nsend_changes = true\n" + text[start + len("[profile]\n") :]
     (setup.tmp_path / "reconciler.toml").write_text(text)
 
 
@@ -450,13 +553,17 @@ def test_send_changes_sends_a_contact_field_change_alone(mixed, engine_of):
     assert custom(contacts(mixed)["u9"]) == {}
     mixed.receiver.clear()
     assert command(mixed, "sync").exit_code == 0 and mixed.receiver.bodies() == []
-    mixed.warehouse.execute("UPDATE users SET email = 'new@example.com', first_name = 'Ann' "
-                            "WHERE user_id = 'u1'")
+    mixed.warehouse.execute(
+        "UPDATE users SET email = 'new@example.com', first_name = 'Ann' WHERE user_id = 'u1'"
+    )
     assert command(mixed, "sync").exit_code == 0
     (body,) = mixed.receiver.bodies()
     assert body["user_id"] == "u1" and "custom" not in body
     assert (body["email"], body["first_name"], body["company"]) == (
-        "new@example.com", "Ann", {"id": "g1"})
+        "new@example.com",
+        "Ann",
+        {"id": "g1"},
+    )
     run = last_run(engine_of(mixed))
     assert (run.users_changed, run.entered, run.traits_changed) == (1, 0, 0)
     mixed.receiver.clear()
@@ -476,6 +583,7 @@ def test_send_changes_keeps_audience_updates_as_they_are(mixed):
 
 # Bad source rows for accounts: the same treatment as for users.
 
+
 def test_null_and_blank_group_ids_are_ignored_and_counted(accounts, engine_of):
     company(accounts.warehouse, None, "u5", name="No Id")
     company(accounts.warehouse, "  ", "u6")
@@ -490,31 +598,54 @@ def test_null_and_blank_group_ids_are_ignored_and_counted(accounts, engine_of):
 
 def test_two_values_of_one_account_trait_fail_that_entry_naming_one_account(synced):
     setup, engine = synced
-    setup.warehouse.executemany("INSERT INTO account_traits VALUES (?, ?, ?)",
-                                [("Seats", "g2", 1), ("Seats", "g2", 2)])
+    setup.warehouse.executemany(
+        "INSERT INTO account_traits VALUES (?, ?, ?)", [("Seats", "g2", 1), ("Seats", "g2", 2)]
+    )
     account_members(setup.warehouse, "g1", "g2")
     result = sync(setup)
     assert result.exit_code == 1
-    assert ('account trait "Seats": account "g2" has two different values' in result.output
-            and "GROUP BY group_id" in result.output)
+    assert (
+        'account trait "Seats": account "g2" has two different values' in result.output
+        and "GROUP BY group_id" in result.output
+    )
     assert {g: custom(b) for g, b in customers(setup).items()} == {"g2": {EA: True}}
     with engine.connect() as conn:
-        assert conn.execute(select(acked.c.user_id, acked.c.value).where(
-            acked.c.key == SEATS)).all() == [("g1", "120")]
+        assert conn.execute(
+            select(acked.c.user_id, acked.c.value).where(acked.c.key == SEATS)
+        ).all() == [("g1", "120")]
 
 
-@pytest.mark.parametrize("change, message, status, sent", [
-    (lambda w: seats(w, {"g1": b"\x00", "g2": 3}),
-     'account trait "Seats": account "g1": binary values cannot be sent', 1, {}),
-    (lambda w: seats(w, {"g1": float("inf")}),
-     'account trait "Seats": account "g1": inf is not a finite number', 1, {}),
-    (lambda w: account_members(w, "g1", b"\x01"),
-     'account audience "Enterprise Accounts": group_id is binary', 1, {}),
-    (lambda w: account_members(w, "g1", "g" * 300),
-     'account audience "Enterprise Accounts": group_id "ggg', 1, {}),
-], ids=["binary-trait", "infinite-trait", "binary-group-id", "long-group-id"])
-def test_unrepresentable_account_values_fail_their_entry(synced, change, message, status,
-                                                         sent):
+@pytest.mark.parametrize(
+    "change, message, status, sent",
+    [
+        (
+            lambda w: seats(w, {"g1": b"\x00", "g2": 3}),
+            'account trait "Seats": account "g1": binary values cannot be sent',
+            1,
+            {},
+        ),
+        (
+            lambda w: seats(w, {"g1": float("inf")}),
+            'account trait "Seats": account "g1": inf is not a finite number',
+            1,
+            {},
+        ),
+        (
+            lambda w: account_members(w, "g1", b"\x01"),
+            'account audience "Enterprise Accounts": group_id is binary',
+            1,
+            {},
+        ),
+        (
+            lambda w: account_members(w, "g1", "g" * 300),
+            'account audience "Enterprise Accounts": group_id "ggg',
+            1,
+            {},
+        ),
+    ],
+    ids=["binary-trait", "infinite-trait", "binary-group-id", "long-group-id"],
+)
+def test_unrepresentable_account_values_fail_their_entry(synced, change, message, status, sent):
     setup, engine = synced
     change(setup.warehouse)
     result = sync(setup)
@@ -524,11 +655,17 @@ def test_unrepresentable_account_values_fail_their_entry(synced, change, message
     assert last_run(engine).status == "partial"
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda w: company(w, "g3", "u1", name=b"\xff"),
-     '[accounts]: account "g3": name: binary values cannot be sent'),
-    (lambda w: company(w, "g3", b"\x01"), '[accounts]: account "g3": user_id is binary'),
-], ids=["binary-field", "binary-user-id"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda w: company(w, "g3", "u1", name=b"\xff"),
+            '[accounts]: account "g3": name: binary values cannot be sent',
+        ),
+        (lambda w: company(w, "g3", b"\x01"), '[accounts]: account "g3": user_id is binary'),
+    ],
+    ids=["binary-field", "binary-user-id"],
+)
 def test_an_unusable_accounts_row_fails_the_run(synced, change, message):
     """Without the accounts query no account body can be built right: nothing is sent."""
     setup, engine = synced
@@ -541,8 +678,16 @@ def test_an_unusable_accounts_row_fails_the_run(synced, change, message):
 
 
 def test_account_field_values_are_sent_as_text(accounts, engine_of):
-    company(accounts.warehouse, "g5", 77, name=12, postal_code=1000.0, state=2.5,
-            created_at="not a date", website="https://x.example/a b")
+    company(
+        accounts.warehouse,
+        "g5",
+        77,
+        name=12,
+        postal_code=1000.0,
+        state=2.5,
+        created_at="not a date",
+        website="https://x.example/a b",
+    )
     assert sync(accounts).exit_code == 0
     body = customers(accounts)["g5"]
     assert (body["user_id"], body["name"]) == ("77", "12")
@@ -579,23 +724,27 @@ def test_existing_rows_become_contacts_on_upgrade(state_url):
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         alembic.upgrade(config, "0002")
-        conn.exec_driver_sql(textwrap.dedent("""
+        conn.exec_driver_sql(
+            textwrap.dedent("""
             INSERT INTO acked (user_id, key, value, update_id, acked_at)
-            VALUES ('u1', 'high_value_users', 'true', 1, '2026-01-01 00:00:00')"""))
+            VALUES ('u1', 'high_value_users', 'true', 1, '2026-01-01 00:00:00')""")
+        )
         conn.exec_driver_sql("INSERT INTO ack_versions (user_id, version) VALUES ('u1', 3)")
     migrate(engine)
     with engine.connect() as conn:
-        assert conn.execute(select(acked.c.entity, acked.c.user_id)).all() == [
-            ("contact", "u1")]
+        assert conn.execute(select(acked.c.entity, acked.c.user_id)).all() == [("contact", "u1")]
         assert conn.execute(select(ack_versions.c.entity, ack_versions.c.version)).all() == [
-            ("contact", 3)]
+            ("contact", 3)
+        ]
     engine.dispose()
 
 
-@pytest.mark.parametrize("reply, resent", [(Reply(503), []), (Reply(500), [{EA: True}])],
-                         ids=["turned-away", "maybe-applied"])
-def test_a_superseded_customer_update_that_may_have_arrived_is_corrected(synced, reply,
-                                                                         resent):
+@pytest.mark.parametrize(
+    "reply, resent",
+    [(Reply(503), []), (Reply(500), [{EA: True}])],
+    ids=["turned-away", "maybe-applied"],
+)
+def test_a_superseded_customer_update_that_may_have_arrived_is_corrected(synced, reply, resent):
     """As for contacts (SPEC §6): only an update that may have reached ChartMogul makes
     the current value go out again when the state returns to the acknowledged one."""
     setup, _ = synced

@@ -60,6 +60,7 @@ def test_rejections_are_grouped_by_status_and_message(members, engine_of):
         if body["user_id"] == "u02":
             return Reply(200)
         return Reply(422, json.dumps({"error": "email taken", "request": "r-1"}))
+
     members.receiver.respond = respond
     result = sync(members)
     assert result.exit_code == 1
@@ -70,11 +71,16 @@ def test_rejections_are_grouped_by_status_and_message(members, engine_of):
 
 def test_pending_and_rejected_are_both_named(members, engine_of):
     members.receiver.respond = lambda _n, body: (
-        Reply(503, "<html><body>busy</body></html>") if body["user_id"] < "u04"
-        else Reply(400, "bad contact") if body["user_id"] < "u06" else Reply(200))
+        Reply(503, "<html><body>busy</body></html>")
+        if body["user_id"] < "u04"
+        else Reply(400, "bad contact")
+        if body["user_id"] < "u06"
+        else Reply(200)
+    )
     assert sync(members).exit_code == 1
     assert last_run(members, engine_of)["error"] == (
-        '4 pending: 503 (4); 2 rejected: 400 "bad contact" (2)')
+        '4 pending: 503 (4); 2 rejected: 400 "bad contact" (2)'
+    )
 
 
 def test_a_fully_acknowledged_run_has_no_error(members, engine_of):
@@ -95,7 +101,8 @@ def test_causes_never_show_the_webhook_url(members, engine_of):
 
 def test_show_groups_attempts_by_cause_before_listing_them(members, engine_of):
     members.receiver.respond = lambda _n, body: (
-        Reply(429, "slow down") if body["user_id"] < "u03" else Reply(200))
+        Reply(429, "slow down") if body["user_id"] < "u03" else Reply(200)
+    )
     assert sync(members).exit_code == 1
     config = str(members.tmp_path / "reconciler.toml")
     shown = cli("show", "1", "--config", config)
@@ -117,10 +124,15 @@ def test_a_run_stopped_by_a_signal_says_so(members, engine_of):
         arrived.set()
         release.wait(PATIENCE)  # hold every answer until the process has the signal
         return Reply(200)
+
     members.receiver.respond = respond
     path = members.write()
-    proc = subprocess.Popen([RECONCILER, "sync", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    proc = subprocess.Popen(
+        [RECONCILER, "sync", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
     try:
         assert arrived.wait(PATIENCE), "no delivery arrived"
         proc.send_signal(signal.SIGTERM)
@@ -133,42 +145,79 @@ def test_a_run_stopped_by_a_signal_says_so(members, engine_of):
     assert proc.returncode == 1, stderr
     run = last_run(members, engine_of)
     assert run["status"] == "partial"
-    assert run["error"] == (f"stopped by SIGTERM: {run['pending']} pending: "
-                            f"not sent before the stop ({run['pending']})")
+    assert run["error"] == (
+        f"stopped by SIGTERM: {run['pending']} pending: not sent before the stop ({run['pending']})"
+    )
     assert f"error: {run['error']}".encode() in stdout
 
 
-@pytest.mark.parametrize("status, outcome, error, cause", [
-    (None, "error", "not retried: max_attempts (1) reached; stays pending; ConnectError: "
-                    "[Errno 111] Connection refused", "connection refused"),
-    (None, "error", "retry in 0.52 s; ConnectTimeout: timed out", "connect timeout"),
-    (None, "error", "retry in 0.52 s; ReadTimeout: The read operation timed out",
-     "read timeout"),
-    (None, "error", "RemoteProtocolError: Server disconnected without sending a response.",
-     "server disconnected without answering"),
-    (None, "error", "ConnectError: [Errno -2] Name or service not known", "host name not found"),
-    (None, "error", "ConnectError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
-     "TLS certificate not trusted"),
-    (None, "error", "WeirdError: something", "WeirdError"),
-    (503, "retry", "not retried: a 4.00 s wait exceeds the run's retry budget (1.00 s left); "
-                   "stays pending; Retry-After: 4", "503"),
-    (500, "retry", "retry in 1.00 s; response: {\"message\": \"internal\"}", '500 "internal"'),
-    (422, "rejected", '{"errors": [{"message": "email taken"}]}', '422 "email taken"'),
-    (422, "rejected", '{"error": "email ' + "x" * 600, '422 "email ' + "x" * 51 + '..."'),
-    (401, "rejected", "", "401"),
-    (404, "rejected", "<!DOCTYPE html><html>Not Found</html>", "404"),
-    (400, "rejected", "  bad\n  contact  ", '400 "bad contact"'),
-    (302, "rejected", "redirect to https://elsewhere.example/***",
-     '302 "redirect to https://elsewhere.example/***"'),
-])
+@pytest.mark.parametrize(
+    "status, outcome, error, cause",
+    [
+        (
+            None,
+            "error",
+            "not retried: max_attempts (1) reached; stays pending; ConnectError: "
+            "[Errno 111] Connection refused",
+            "connection refused",
+        ),
+        (None, "error", "retry in 0.52 s; ConnectTimeout: timed out", "connect timeout"),
+        (
+            None,
+            "error",
+            "retry in 0.52 s; ReadTimeout: The read operation timed out",
+            "read timeout",
+        ),
+        (
+            None,
+            "error",
+            "RemoteProtocolError: Server disconnected without sending a response.",
+            "server disconnected without answering",
+        ),
+        (
+            None,
+            "error",
+            "ConnectError: [Errno -2] Name or service not known",
+            "host name not found",
+        ),
+        (
+            None,
+            "error",
+            "ConnectError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
+            "TLS certificate not trusted",
+        ),
+        (None, "error", "WeirdError: something", "WeirdError"),
+        (
+            503,
+            "retry",
+            "not retried: a 4.00 s wait exceeds the run's retry budget (1.00 s left); "
+            "stays pending; Retry-After: 4",
+            "503",
+        ),
+        (500, "retry", 'retry in 1.00 s; response: {"message": "internal"}', '500 "internal"'),
+        (422, "rejected", '{"errors": [{"message": "email taken"}]}', '422 "email taken"'),
+        (422, "rejected", '{"error": "email ' + "x" * 600, '422 "email ' + "x" * 51 + '..."'),
+        (401, "rejected", "", "401"),
+        (404, "rejected", "<!DOCTYPE html><html>Not Found</html>", "404"),
+        (400, "rejected", "  bad\n  contact  ", '400 "bad contact"'),
+        (
+            302,
+            "rejected",
+            "redirect to https://elsewhere.example/***",
+            '302 "redirect to https://elsewhere.example/***"',
+        ),
+    ],
+)
 def test_cause_of_an_attempt(status, outcome, error, cause):
     assert cause_of(status, outcome, error) == cause
 
 
 def test_history_keeps_the_cause_when_it_shortens_an_error(setup: Setup):
     """`history` leaves the database URL out of long errors, never the cause at their end."""
-    extra = ('\n[[audiences]]\nname = "Order Completed Last 30 Days Premium Customers"\n'
-             'query = "SELECT user_id FROM userz"\n')
+    extra = (
+        '\n[[audiences]]\nname = "Order Completed Last 30 Days Premium Customers"\n'
+        'query = "SELECT user_id FROM userz"\n'
+    )
     path = setup.write(extra=extra)
     assert cli("sync", "--config", str(path)).exit_code == 1
     shown = cli("history", "--config", str(path))
@@ -178,13 +227,21 @@ def test_history_keeps_the_cause_when_it_shortens_an_error(setup: Setup):
     assert "…" not in shown.stdout and "source database" not in words
 
 
-@pytest.mark.parametrize("error, cell", [
-    ("3775 pending: connection refused (3775)", "3775 pending: connection refused (3775)"),
-    ('audience "Order Completed Last 30 Days": query failed: relation "userz" does not '
-     "exist (source database postgresql://app@db.example.com:5432/warehouse)",
-     'audience "Order…relation "userz" does not exist'),
-    ("unable to open database file; check that the directory exists and is writable "
-     "(state database sqlite:////srv/reconciler/state.db)", "unable to open database file"),
-])
+@pytest.mark.parametrize(
+    "error, cell",
+    [
+        ("3775 pending: connection refused (3775)", "3775 pending: connection refused (3775)"),
+        (
+            'audience "Order Completed Last 30 Days": query failed: relation "userz" does not '
+            "exist (source database postgresql://app@db.example.com:5432/warehouse)",
+            'audience "Order…relation "userz" does not exist',
+        ),
+        (
+            "unable to open database file; check that the directory exists and is writable "
+            "(state database sqlite:////srv/reconciler/state.db)",
+            "unable to open database file",
+        ),
+    ],
+)
 def test_error_cell(error, cell):
     assert error_cell(error) == cell and len(cell) <= 48

@@ -25,13 +25,46 @@ from .helpers import setup_cli as cli
 from .processes import RECONCILER, wait_for
 from .receiver import Reply
 
-RUN_FIELDS = {"id", "trigger", "status", "started_at", "finished_at", "users_seen",
-              "users_changed", "entered", "exited", "traits_changed", "sent", "failed",
-              "skipped", "error", "accounts_seen", "accounts_changed"}
-CHANGE_FIELDS = {"entity", "user_id", "key", "kind", "old_value", "new_value", "message_id",
-                 "status", "note"}
-DELIVERY_FIELDS = {"entity", "user_id", "message_id", "attempt", "sent_at", "status_code",
-                   "outcome", "latency_ms", "error"}
+RUN_FIELDS = {
+    "id",
+    "trigger",
+    "status",
+    "started_at",
+    "finished_at",
+    "users_seen",
+    "users_changed",
+    "entered",
+    "exited",
+    "traits_changed",
+    "sent",
+    "failed",
+    "skipped",
+    "error",
+    "accounts_seen",
+    "accounts_changed",
+}
+CHANGE_FIELDS = {
+    "entity",
+    "user_id",
+    "key",
+    "kind",
+    "old_value",
+    "new_value",
+    "message_id",
+    "status",
+    "note",
+}
+DELIVERY_FIELDS = {
+    "entity",
+    "user_id",
+    "message_id",
+    "attempt",
+    "sent_at",
+    "status_code",
+    "outcome",
+    "latency_ms",
+    "error",
+}
 HV = "high_value_users"
 
 
@@ -44,8 +77,9 @@ def history(setup: Setup) -> Setup:
     w.members("High Value Users", "u1", "u2", "u3")
     w.trait("Lifetime Value", {"u1": 120})
     setup.write()
-    setup.receiver.respond = lambda _n, body: Reply(
-        400, "contact rejected") if body["user_id"] == "u3" else Reply(200)
+    setup.receiver.respond = lambda _n, body: (
+        Reply(400, "contact rejected") if body["user_id"] == "u3" else Reply(200)
+    )
     assert cli(setup, "sync").exit_code == 1
     w.members("High Value Users", "u2", "u3")
     assert cli(setup, "sync").exit_code == 0
@@ -71,8 +105,9 @@ def test_history_json_is_an_array_of_runs_newest_first(history):
     assert all(set(r) >= RUN_FIELDS for r in runs)
     assert (runs[1]["status"], runs[1]["failed"], runs[1]["sent"]) == ("partial", 1, 2)
     assert runs[0]["started_at"].endswith("Z") and runs[0]["finished_at"].endswith("Z")
-    assert [r["id"] for r in json.loads(cli(history, "history", "--json", "--limit", "1")
-                                        .stdout)] == [2]
+    assert [
+        r["id"] for r in json.loads(cli(history, "history", "--json", "--limit", "1").stdout)
+    ] == [2]
 
 
 def test_history_text_is_a_table_of_runs(history):
@@ -82,9 +117,8 @@ def test_history_text_is_a_table_of_runs(history):
     header = next(n for n, line in enumerate(lines) if line.startswith("run "))
     assert lines[header].split()[:3] == ["run", "trigger", "status"]
     assert set(lines[header + 1].strip()) == {"─"}
-    rows = [line.split() for line in lines[header + 2:] if line.strip()]
-    assert [row[:3] for row in rows] == [["2", "manual", "succeeded"],
-                                         ["1", "manual", "partial"]]
+    rows = [line.split() for line in lines[header + 2 :] if line.strip()]
+    assert [row[:3] for row in rows] == [["2", "manual", "succeeded"], ["1", "manual", "partial"]]
 
 
 def test_history_of_an_empty_database_says_so(setup):
@@ -103,7 +137,8 @@ def test_show_json_has_the_run_its_changes_and_its_deliveries(history):
     assert all(set(d) == DELIVERY_FIELDS for d in run["deliveries"])
     rejected = [d for d in run["deliveries"] if d["outcome"] == "rejected"]
     assert [(d["user_id"], d["status_code"], d["error"]) for d in rejected] == [
-        ("u3", 400, "contact rejected")]
+        ("u3", 400, "contact rejected")
+    ]
     change = next(c for c in run["changes"] if c["user_id"] == "u1" and c["key"] == HV)
     assert (change["old_value"], change["new_value"], change["status"]) == (None, True, "sent")
 
@@ -128,14 +163,23 @@ def test_user_json_has_acknowledged_state_and_timeline(history):
     data = json.loads(result.stdout)
     assert data["user_id"] == "u1"
     assert {k: v["value"] for k, v in data["acknowledged"].items()} == {
-        HV: False, "lifetime_value": 120}
+        HV: False,
+        "lifetime_value": 120,
+    }
     assert all(v["acked_at"].endswith("Z") for v in data["acknowledged"].values())
     assert [u["run_id"] for u in data["timeline"]] == [1, 2]
     first = data["timeline"][0]
-    assert set(first) == {"run_id", "message_id", "status", "observed_at", "settled_at",
-                          "note", "changes", "deliveries"}
-    assert {c["key"]: c["new_value"] for c in first["changes"]} == {
-        HV: True, "lifetime_value": 120}
+    assert set(first) == {
+        "run_id",
+        "message_id",
+        "status",
+        "observed_at",
+        "settled_at",
+        "note",
+        "changes",
+        "deliveries",
+    }
+    assert {c["key"]: c["new_value"] for c in first["changes"]} == {HV: True, "lifetime_value": 120}
     assert [d["status_code"] for d in first["deliveries"]] == [200]
 
 
@@ -152,7 +196,10 @@ def test_user_without_history_says_so(history):
     result = cli(history, "user", "nobody")
     assert result.exit_code == 0 and 'nothing recorded for user "nobody"' in result.stdout
     assert json.loads(cli(history, "user", "nobody", "--json").stdout) == {
-        "user_id": "nobody", "acknowledged": {}, "timeline": []}
+        "user_id": "nobody",
+        "acknowledged": {},
+        "timeline": [],
+    }
 
 
 def test_dry_run_json_counts_and_samples_without_sending(setup, engine_of):
@@ -163,8 +210,13 @@ def test_dry_run_json_counts_and_samples_without_sending(setup, engine_of):
     result = cli(setup, "sync", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert (data["users_changed"], data["entered"], data["exited"], data["traits_changed"],
-            data["skipped"]) == (2, 2, 0, 1, 0)
+    assert (
+        data["users_changed"],
+        data["entered"],
+        data["exited"],
+        data["traits_changed"],
+        data["skipped"],
+    ) == (2, 2, 0, 1, 0)
     assert {s["body"]["user_id"] for s in data["sample"]} == {"u1", "u2"}
     assert "s3cr3t" not in result.stdout
     assert setup.receiver.bodies() == []
@@ -191,8 +243,12 @@ def test_sync_on_a_terminal_draws_progress_then_the_result(setup):
     setup.warehouse.members("High Value Users", "u1", "u2")
     path = setup.write()
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([RECONCILER, "sync", "--config", str(path)], stdout=follower,
-                            stderr=subprocess.PIPE, env=clean_env())
+    proc = subprocess.Popen(
+        [RECONCILER, "sync", "--config", str(path)],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -217,16 +273,21 @@ def test_interrupted_sync_records_what_was_sent_and_leaves_the_rest_pending(setu
     setup.receiver.respond = lambda _n, _body: Reply(delay=0.2)
     path = setup.write()
     engine = engine_of(setup)
-    proc = subprocess.Popen([RECONCILER, "sync", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    proc = subprocess.Popen(
+        [RECONCILER, "sync", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
     wait_for("deliveries in flight", lambda: len(setup.receiver.requests) >= 2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     answered = {r.body["message_id"] for r in setup.receiver.requests}
     with engine.connect() as conn:
         run = conn.execute(select(sync_runs)).one()
-        sent_ids = set(conn.execute(select(updates.c.message_id)
-                                    .where(updates.c.status == "sent")).scalars())
+        sent_ids = set(
+            conn.execute(select(updates.c.message_id).where(updates.c.status == "sent")).scalars()
+        )
     assert run.status == "partial" and proc.returncode == 1, stderr
     assert sent_ids == answered and run.pending == len(users) - len(sent_ids)
     assert b"stopping" in stderr and stdout.startswith(b"run 1 partial")

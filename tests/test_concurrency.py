@@ -22,19 +22,23 @@ from reconciler.delivery.concurrency import (
 LOOPBACK = 0.0003  # seconds: a request on loopback, about what it costs in CPU
 
 
-@pytest.mark.parametrize("ceiling, rate, fastest, mean, cpu, expected", [
-    (20, 0, LOOPBACK, 0.0004, 0.00025, 2),   # unpaced, loopback: one or two suffice
-    (20, 0, LOOPBACK, 0.004, 0.00025, 2),    # more threads inflate the mean, not the min
-    (20, 0, 0.150, 0.160, 0.0003, 20),       # unpaced, slow answers: the ceiling
-    (8, 40, 0.150, 0.150, 0.0003, 8),        # 40/s x 150 ms = 6 in flight, x 1.5 headroom
-    (20, 40, 0.150, 0.150, 0.0003, 9),
-    (20, 200, LOOPBACK, 0.0004, 0.00025, 1),  # paced on loopback: one is plenty
-    (20, 100_000, LOOPBACK, 0.003, 0.0003, 2),  # a pace beyond the CPU: the CPU decides
-    (20, 0, LOOPBACK, LOOPBACK, 0.0, 20),    # no CPU measured yet: nothing limits
-    (1, 0, 0.150, 0.150, 0.0003, 1),
-])
-def test_target_is_littles_law_within_one_and_the_ceiling(ceiling, rate, fastest, mean, cpu,
-                                                          expected):
+@pytest.mark.parametrize(
+    "ceiling, rate, fastest, mean, cpu, expected",
+    [
+        (20, 0, LOOPBACK, 0.0004, 0.00025, 2),  # unpaced, loopback: one or two suffice
+        (20, 0, LOOPBACK, 0.004, 0.00025, 2),  # more threads inflate the mean, not the min
+        (20, 0, 0.150, 0.160, 0.0003, 20),  # unpaced, slow answers: the ceiling
+        (8, 40, 0.150, 0.150, 0.0003, 8),  # 40/s x 150 ms = 6 in flight, x 1.5 headroom
+        (20, 40, 0.150, 0.150, 0.0003, 9),
+        (20, 200, LOOPBACK, 0.0004, 0.00025, 1),  # paced on loopback: one is plenty
+        (20, 100_000, LOOPBACK, 0.003, 0.0003, 2),  # a pace beyond the CPU: the CPU decides
+        (20, 0, LOOPBACK, LOOPBACK, 0.0, 20),  # no CPU measured yet: nothing limits
+        (1, 0, 0.150, 0.150, 0.0003, 1),
+    ],
+)
+def test_target_is_littles_law_within_one_and_the_ceiling(
+    ceiling, rate, fastest, mean, cpu, expected
+):
     assert target(ceiling, rate, fastest, mean, cpu) == expected
 
 
@@ -52,8 +56,14 @@ class Meter:
         return self.cpu_used
 
 
-def window(controller: Concurrency, meter: Meter, latency: float, cpu_each: float,
-           count: int, seconds: float = 1.01 * WINDOW_SECONDS) -> list[int | None]:
+def window(
+    controller: Concurrency,
+    meter: Meter,
+    latency: float,
+    cpu_each: float,
+    count: int,
+    seconds: float = 1.01 * WINDOW_SECONDS,
+) -> list[int | None]:
     """`count` requests of `latency` each, costing `cpu_each`, spread over `seconds`."""
     changes = []
     for _ in range(count):
@@ -107,12 +117,14 @@ def test_cpu_cost_is_smoothed_over_windows():
 
 # --- The gate ---------------------------------------------------------------------------
 
+
 def enter_in_thread(gate: Gate) -> tuple[threading.Thread, threading.Event]:
     inside = threading.Event()
 
     def run() -> None:
         gate.enter()
         inside.set()
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, inside
@@ -164,10 +176,13 @@ def test_shrinking_the_gate_makes_it_crowded():
 
 # --- The handoff ------------------------------------------------------------------------
 
+
 def test_handoff_delivers_every_item_once_in_each_threads_order():
     handoff: Handoff[tuple[int, int]] = Handoff(lambda: False)
-    producers = [threading.Thread(target=lambda t=t: [handoff.put((t, n)) for n in range(500)])
-                 for t in range(4)]
+    producers = [
+        threading.Thread(target=lambda t=t: [handoff.put((t, n)) for n in range(500)])
+        for t in range(4)
+    ]
     for producer in producers:
         producer.start()
     taken: list[tuple[int, int]] = []

@@ -22,9 +22,24 @@ from reconciler.pipeline.contact import (
     with_sent_at,
 )
 
-ALLOWED = {"type", "message_id", "timestamp", "sent_at", "user_id", "anonymous_id", "email",
-           "first_name", "last_name", "name", "title", "phone", "linked_in", "twitter",
-           "company", "custom"}
+ALLOWED = {
+    "type",
+    "message_id",
+    "timestamp",
+    "sent_at",
+    "user_id",
+    "anonymous_id",
+    "email",
+    "first_name",
+    "last_name",
+    "name",
+    "title",
+    "phone",
+    "linked_in",
+    "twitter",
+    "company",
+    "custom",
+}
 OBSERVED = datetime(2026, 11, 24, 23, 9, 20, 123456, tzinfo=UTC)
 SENT = datetime(2026, 11, 24, 23, 9, 21, tzinfo=UTC)
 
@@ -37,16 +52,28 @@ VALID_LINKS = ["https://linkedin.com/in/jane", "http://www.linkedin.com/in/j%C3%
 INVALID_LINKS = ["linkedin.com/in/jane", "https://linkedin.com/in/josé", "in/jane"]
 emails = st.sampled_from([*VALID_EMAILS, *INVALID_EMAILS, ""])
 links = st.sampled_from([*VALID_LINKS, *INVALID_LINKS, ""])
-profiles = st.fixed_dictionaries({}, optional={
-    **dict.fromkeys(CONTACT_FIELDS, maybe),
-    "email": st.none() | emails,
-    "linked_in": st.none() | links,
-    "company_id": maybe, "company_name": maybe,
-})
-values = (st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-          | st.text(max_size=20) | st.none())
-changes = st.lists(st.tuples(st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True), values),
-                   max_size=4, unique_by=lambda c: c[0]).map(sorted)
+profiles = st.fixed_dictionaries(
+    {},
+    optional={
+        **dict.fromkeys(CONTACT_FIELDS, maybe),
+        "email": st.none() | emails,
+        "linked_in": st.none() | links,
+        "company_id": maybe,
+        "company_name": maybe,
+    },
+)
+values = (
+    st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.none()
+)
+changes = st.lists(
+    st.tuples(st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True), values),
+    max_size=4,
+    unique_by=lambda c: c[0],
+).map(sorted)
 
 
 def sent_body(contact_text: str) -> dict[str, Any]:
@@ -65,8 +92,9 @@ def walk(value: Any) -> list[Any]:
 
 @settings(max_examples=400)
 @given(st.none() | text, profiles, changes, st.booleans())
-def test_body_has_only_allowed_keys_and_no_null_or_empty_value(user_id, profile, changed,
-                                                                custom_attributes):
+def test_body_has_only_allowed_keys_and_no_null_or_empty_value(
+    user_id, profile, changed, custom_attributes
+):
     contact = build_contact("mid-1", OBSERVED, user_id, profile, changed, custom_attributes)
     body = sent_body(contact.text)
     assert set(body) <= ALLOWED
@@ -109,8 +137,11 @@ def test_skip_rules(user_id, profile, changed, custom_attributes):
 @given(profiles, changes)
 def test_custom_carries_each_changed_key_in_order_with_its_json_value(profile, changed):
     body = sent_body(build_contact("m", OBSERVED, "u1", profile, changed, True).text)
-    expected = [{"key": k, "value": v} for k, v in changed
-                if v is not None and not (isinstance(v, str) and not v.strip())]
+    expected = [
+        {"key": k, "value": v}
+        for k, v in changed
+        if v is not None and not (isinstance(v, str) and not v.strip())
+    ]
     assert body.get("custom", []) == expected
     for item in body.get("custom", []):
         assert type(item["value"]) is type(dict(changed)[item["key"]])
@@ -130,9 +161,10 @@ def test_invalid_email_and_linked_in_are_left_out_with_the_reason(profile):
     contact = build_contact("m", OBSERVED, "u1", profile, [("k", 1)], True)
     body = sent_body(contact.text)
     expected_left_out = []
-    for field, valid, invalid, note in (("email", VALID_EMAILS, INVALID_EMAILS, NOTE_EMAIL),
-                                        ("linked_in", VALID_LINKS, INVALID_LINKS,
-                                         NOTE_LINKED_IN)):
+    for field, valid, invalid, note in (
+        ("email", VALID_EMAILS, INVALID_EMAILS, NOTE_EMAIL),
+        ("linked_in", VALID_LINKS, INVALID_LINKS, NOTE_LINKED_IN),
+    ):
         value = profile.get(field)
         if value in invalid:
             assert field not in body
@@ -149,8 +181,7 @@ def test_invalid_email_and_linked_in_are_left_out_with_the_reason(profile):
 def test_non_ascii_and_long_values_survive_untouched():
     long = "x" * 100_000
     profile = {"first_name": "Zoë 李 👩‍💻", "last_name": "שלום", "title": long}
-    body = sent_body(build_contact("m", OBSERVED, "ü-1", profile, [("k", "ñ" * 5000)],
-                                   True).text)
+    body = sent_body(build_contact("m", OBSERVED, "ü-1", profile, [("k", "ñ" * 5000)], True).text)
     assert body["first_name"] == "Zoë 李 👩‍💻" and body["last_name"] == "שלום"
     assert body["title"] == long and body["user_id"] == "ü-1"
     assert body["custom"] == [{"key": "k", "value": "ñ" * 5000}]
@@ -171,7 +202,7 @@ EMAIL_CASES = [
     ("jane@acmé.com", False),
     ("Jane.Doe@ACME.COM", True),
     ("a!#$%&'*+/=?^_`{|}~-z@example.com", True),
-    ("jane@localhost", False),          # the full pattern needs a dot in the domain
+    ("jane@localhost", False),  # the full pattern needs a dot in the domain
     ("jane..doe@example.com", False),
     (".jane@example.com", False),
     ("jane.@example.com", False),
@@ -180,7 +211,7 @@ EMAIL_CASES = [
     ("jane@acme..com", False),
     ("jane@acme.com.", False),
     ('"jane doe"@example.com', False),  # no quoted local parts
-    ("jane@[127.0.0.1]", False),        # no address literals
+    ("jane@[127.0.0.1]", False),  # no address literals
     ("jane doe@example.com", False),
     ("jane@example.com\n", False),
     ("jane@example.com ", False),
@@ -188,7 +219,7 @@ EMAIL_CASES = [
     ("jane@" + "a" * 64 + ".com", True),  # no length limits in the pattern
     ("jane@example.c-m", True),
     ("jane@1.2", True),
-    ("\u212a@example.com", False),       # the Kelvin sign is not a K
+    ("\u212a@example.com", False),  # the Kelvin sign is not a K
 ]
 
 
@@ -259,7 +290,8 @@ _LABEL = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,10}[A-Za-z0-9])?", fullmatch
 addresses = st.builds(
     lambda local, labels: ".".join(local) + "@" + ".".join(labels),
     st.lists(st.text(_ATEXT, min_size=1, max_size=8), min_size=1, max_size=3),
-    st.lists(_LABEL, min_size=2, max_size=4))
+    st.lists(_LABEL, min_size=2, max_size=4),
+)
 
 
 @settings(max_examples=300)
@@ -286,4 +318,5 @@ def test_an_address_without_a_dot_in_its_domain_is_invalid(address):
 @given(st.from_regex(r"https?://[A-Za-z0-9.\-]{1,12}(/[A-Za-z0-9._~\-]{0,8}){0,3}", fullmatch=True))
 def test_the_fast_path_for_plain_web_addresses_accepts_only_what_the_uri_pattern_does(url):
     from reconciler.pipeline.contact import _URI
+
     assert is_valid_uri(url) and _URI.fullmatch(url) is not None

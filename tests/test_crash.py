@@ -62,9 +62,12 @@ class Figures:
 
 
 def spawn(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([str(RECONCILER), "sync", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=clean_env())
+    return subprocess.Popen(
+        [str(RECONCILER), "sync", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
 
 
 def last_run(engine: Engine) -> Any:
@@ -72,8 +75,9 @@ def last_run(engine: Engine) -> Any:
         return conn.execute(select(sync_runs).order_by(sync_runs.c.id.desc()).limit(1)).first()
 
 
-def kill_trial(setup: Setup, engine: Engine, config: Path, rng: random.Random,
-               figures: Figures) -> None:
+def kill_trial(
+    setup: Setup, engine: Engine, config: Path, rng: random.Random, figures: Figures
+) -> None:
     """One sync killed at a random moment (or left to finish if it is faster)."""
     before = last_run(engine)
     before_id = before.id if before else 0
@@ -86,14 +90,23 @@ def kill_trial(setup: Setup, engine: Engine, config: Path, rng: random.Random,
         if how == "request" and child and n - start_requests == kill_at:
             os.kill(child.pid, signal.SIGKILL)  # this request arrived; its answer never will
         return Reply(delay=0.002)
+
     setup.receiver.respond = respond
     child = spawn(config)
     if how == "timer":  # process start, migration check, lock, or anything later
         time.sleep(rng.uniform(0.05, 1.0))
     elif how == "snapshot":
-        poll_until(lambda: child.poll() is not None or (
-            (run := last_run(engine)) is not None and run.id > before_id
-            and run.snapshot_at is None), TRIAL_TIMEOUT)
+        poll_until(
+            lambda: (
+                child.poll() is not None
+                or (
+                    (run := last_run(engine)) is not None
+                    and run.id > before_id
+                    and run.snapshot_at is None
+                )
+            ),
+            TRIAL_TIMEOUT,
+        )
         time.sleep(rng.uniform(0, 0.1))
     else:
         poll_until(lambda: child.poll() is not None, TRIAL_TIMEOUT)
@@ -129,21 +142,29 @@ def crash_trials(setup: Setup, engine: Engine, trials: int, seed: int) -> Figure
             source.change(engine, rng.randint(5, 40))
         kill_trial(setup, engine, config, rng, figures)
     setup.receiver.respond = lambda n, b: Reply()
-    clean = subprocess.run([str(RECONCILER), "sync", "--config", str(config)],
-                           capture_output=True, env=clean_env(), timeout=TRIAL_TIMEOUT)
+    clean = subprocess.run(
+        [str(RECONCILER), "sync", "--config", str(config)],
+        capture_output=True,
+        env=clean_env(),
+        timeout=TRIAL_TIMEOUT,
+    )
     assert clean.returncode == 0, clean.stderr.decode()
     with engine.connect() as conn:
-        running = conn.execute(select(func.count()).select_from(sync_runs)
-                               .where(sync_runs.c.status == "running")).scalar_one()
-        pending = conn.execute(select(func.count()).select_from(updates)
-                               .where(updates.c.status == "pending")).scalar_one()
+        running = conn.execute(
+            select(func.count()).select_from(sync_runs).where(sync_runs.c.status == "running")
+        ).scalar_one()
+        pending = conn.execute(
+            select(func.count()).select_from(updates).where(updates.c.status == "pending")
+        ).scalar_one()
     assert (running, pending) == (0, 0)
     view, repeated, noop, noop_new_id = replay(setup.receiver.bodies())
     lost = source.lost(view)
-    print(f"\n[{setup.state_url.split(':')[0]}] trials {figures.trials}, kills {figures.kills}, "
-          f"phases {dict(figures.phases)}, exits {dict(figures.exits)}, bodies "
-          f"{len(setup.receiver.requests)}, updates lost {len(lost)}, repeated ids "
-          f"{repeated}, no-op bodies {noop} (with a new id: {noop_new_id})")
+    print(
+        f"\n[{setup.state_url.split(':')[0]}] trials {figures.trials}, kills {figures.kills}, "
+        f"phases {dict(figures.phases)}, exits {dict(figures.exits)}, bodies "
+        f"{len(setup.receiver.requests)}, updates lost {len(lost)}, repeated ids "
+        f"{repeated}, no-op bodies {noop} (with a new id: {noop_new_id})"
+    )
     assert lost == []
     assert noop_new_id == 0
     return figures
@@ -172,6 +193,7 @@ def test_killed_run_never_blocks_the_next_which_resends_with_the_same_id(setup, 
             arrived.set()
             release.wait(TRIAL_TIMEOUT)
         return Reply()
+
     setup.receiver.respond = respond
     child = spawn(config)
     try:
@@ -181,12 +203,14 @@ def test_killed_run_never_blocks_the_next_which_resends_with_the_same_id(setup, 
         child.communicate(timeout=TRIAL_TIMEOUT)
         release.set()
     (in_flight,) = [b for b in setup.receiver.bodies()][:1]
-    result = sync(setup.config(destination="max_attempts = 1"), engine,
-                  seams=Seams(backoff_initial=0.01))
+    result = sync(
+        setup.config(destination="max_attempts = 1"), engine, seams=Seams(backoff_initial=0.01)
+    )
     assert result.status == "succeeded"
     again = [b for b in setup.receiver.bodies()[1:] if b["user_id"] == in_flight["user_id"]]
     assert [(b["message_id"], b["timestamp"]) for b in again] == [
-        (in_flight["message_id"], in_flight["timestamp"])]
+        (in_flight["message_id"], in_flight["timestamp"])
+    ]
     with engine.connect() as conn:
         killed = conn.execute(select(sync_runs).order_by(sync_runs.c.id)).first()
     assert killed.status == "failed" and "interrupted" in killed.error

@@ -24,21 +24,48 @@ from reconciler.pipeline.customer import (
 )
 from reconciler.pipeline.plan import message_id
 
-ORDER = ["type", "message_id", "timestamp", "user_id", "group_id", "name", "description",
-         "email", "website", "created_at", "address", "custom", "sent_at"]
+ORDER = [
+    "type",
+    "message_id",
+    "timestamp",
+    "user_id",
+    "group_id",
+    "name",
+    "description",
+    "email",
+    "website",
+    "created_at",
+    "address",
+    "custom",
+    "sent_at",
+]
 OBSERVED = datetime(2026, 11, 24, 23, 9, 20, 123456, tzinfo=UTC)
 SENT = datetime(2026, 11, 24, 23, 9, 21, tzinfo=UTC)
-FULL = {"group_id": "g1", "name": "Acme", "description": "Rockets", "email": "ops@acme.com",
-        "website": "https://acme.example/about?x=1", "created_at": "2024-03-01 10:00:00",
-        "street": "1 Main St", "city": "Paris", "state": "IDF", "postal_code": "75001",
-        "country": "FR"}
+FULL = {
+    "group_id": "g1",
+    "name": "Acme",
+    "description": "Rockets",
+    "email": "ops@acme.com",
+    "website": "https://acme.example/about?x=1",
+    "created_at": "2024-03-01 10:00:00",
+    "street": "1 Main St",
+    "city": "Paris",
+    "state": "IDF",
+    "postal_code": "75001",
+    "country": "FR",
+}
 
 
-def body_of(fields: dict[str, str], user_id: str | None = "u1", group_id: str | None = "g1",
-            changed: list[tuple[str, Any]] | None = None, custom_attributes: bool = True
-            ) -> tuple[dict[str, Any], str | None, str | None]:
-    built = build_customer("mid", OBSERVED, group_id, user_id, fields, changed or [],
-                           custom_attributes)
+def body_of(
+    fields: dict[str, str],
+    user_id: str | None = "u1",
+    group_id: str | None = "g1",
+    changed: list[tuple[str, Any]] | None = None,
+    custom_attributes: bool = True,
+) -> tuple[dict[str, Any], str | None, str | None]:
+    built = build_customer(
+        "mid", OBSERVED, group_id, user_id, fields, changed or [], custom_attributes
+    )
     return json.loads(with_sent_at(built.text, SENT)), built.skip, built.note
 
 
@@ -46,14 +73,26 @@ def test_a_full_body_has_exactly_the_spec_keys_in_order():
     body, skip, note = body_of(FULL, changed=[("enterprise", True), ("seats", 120)])
     assert list(body) == ORDER
     assert body == {
-        "type": "Send Customer", "message_id": "mid", "timestamp": "2026-11-24T23:09:20.123Z",
-        "user_id": "u1", "group_id": "g1", "name": "Acme", "description": "Rockets",
-        "email": "ops@acme.com", "website": "https://acme.example/about?x=1",
+        "type": "Send Customer",
+        "message_id": "mid",
+        "timestamp": "2026-11-24T23:09:20.123Z",
+        "user_id": "u1",
+        "group_id": "g1",
+        "name": "Acme",
+        "description": "Rockets",
+        "email": "ops@acme.com",
+        "website": "https://acme.example/about?x=1",
         "created_at": "2024-03-01T10:00:00.000Z",
-        "address": {"street": "1 Main St", "city": "Paris", "state": "IDF",
-                    "postal_code": "75001", "country": "FR"},
+        "address": {
+            "street": "1 Main St",
+            "city": "Paris",
+            "state": "IDF",
+            "postal_code": "75001",
+            "country": "FR",
+        },
         "custom": [{"key": "enterprise", "value": True}, {"key": "seats", "value": 120}],
-        "sent_at": "2026-11-24T23:09:21.000Z"}
+        "sent_at": "2026-11-24T23:09:21.000Z",
+    }
     assert (skip, note) == (None, None)
 
 
@@ -70,21 +109,33 @@ def test_an_account_with_no_fields_and_no_changes_is_still_a_body():
     assert skip is None  # no 5-keys rule for Send Customer
 
 
-@pytest.mark.parametrize("user_id, group_id, reason", [
-    (None, "g1", SKIP_NO_USER_ID), ("  ", "g1", SKIP_NO_USER_ID), ("u1", None, SKIP_NO_GROUP_ID),
-    ("u1", "", SKIP_NO_GROUP_ID)])
+@pytest.mark.parametrize(
+    "user_id, group_id, reason",
+    [
+        (None, "g1", SKIP_NO_USER_ID),
+        ("  ", "g1", SKIP_NO_USER_ID),
+        ("u1", None, SKIP_NO_GROUP_ID),
+        ("u1", "", SKIP_NO_GROUP_ID),
+    ],
+)
 def test_a_body_without_user_id_or_group_id_is_skipped(user_id, group_id, reason):
     body, skip, _ = body_of(FULL, user_id=user_id, group_id=group_id)
     assert skip == reason
     assert ("user_id" in body) == (reason != SKIP_NO_USER_ID)
 
 
-@pytest.mark.parametrize("field, value, note", [
-    ("email", "not an email", NOTE_EMAIL), ("email", "ops@", NOTE_EMAIL),
-    ("website", "https://acme.example/a b", NOTE_WEBSITE),
-    ("website", "https://acme.example/\x07", NOTE_WEBSITE),
-    ("created_at", "yesterday", NOTE_CREATED_AT), ("created_at", "1700000000", NOTE_CREATED_AT),
-    ("created_at", "10:00:00", NOTE_CREATED_AT)])
+@pytest.mark.parametrize(
+    "field, value, note",
+    [
+        ("email", "not an email", NOTE_EMAIL),
+        ("email", "ops@", NOTE_EMAIL),
+        ("website", "https://acme.example/a b", NOTE_WEBSITE),
+        ("website", "https://acme.example/\x07", NOTE_WEBSITE),
+        ("created_at", "yesterday", NOTE_CREATED_AT),
+        ("created_at", "1700000000", NOTE_CREATED_AT),
+        ("created_at", "10:00:00", NOTE_CREATED_AT),
+    ],
+)
 def test_an_invalid_value_is_left_out_and_noted(field, value, note):
     body, skip, got = body_of({**FULL, field: value})
     assert field not in body and got == note and skip is None
@@ -96,20 +147,32 @@ def test_every_note_is_kept():
     assert note == f"{NOTE_EMAIL}; {NOTE_WEBSITE}; {NOTE_CREATED_AT}"
 
 
-@pytest.mark.parametrize("website", ["https://acme.example", "acme.example", "/relative/path",
-                                     "mailto:ops@acme.com", "#frag", "https://ü.example/ä"])
+@pytest.mark.parametrize(
+    "website",
+    [
+        "https://acme.example",
+        "acme.example",
+        "/relative/path",
+        "mailto:ops@acme.com",
+        "#frag",
+        "https://ü.example/ä",
+    ],
+)
 def test_uri_references_are_accepted(website):
     assert is_uri_reference(website)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2024-03-01", "2024-03-01T00:00:00.000Z"),
-    ("2024-03-01T10:00:00", "2024-03-01T10:00:00.000Z"),
-    ("2024-03-01 10:00:00.5", "2024-03-01T10:00:00.500Z"),
-    ("2024-03-01T10:00:00Z", "2024-03-01T10:00:00.000Z"),
-    ("2024-03-01T12:00:00+02:00", "2024-03-01T10:00:00.000Z"),
-    (" 2024-03-01T10:00:00.123456-01:00 ", "2024-03-01T11:00:00.123Z"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2024-03-01", "2024-03-01T00:00:00.000Z"),
+        ("2024-03-01T10:00:00", "2024-03-01T10:00:00.000Z"),
+        ("2024-03-01 10:00:00.5", "2024-03-01T10:00:00.500Z"),
+        ("2024-03-01T10:00:00Z", "2024-03-01T10:00:00.000Z"),
+        ("2024-03-01T12:00:00+02:00", "2024-03-01T10:00:00.000Z"),
+        (" 2024-03-01T10:00:00.123456-01:00 ", "2024-03-01T11:00:00.123Z"),
+    ],
+)
 def test_created_at_becomes_iso_8601_utc_with_milliseconds(text, expected):
     body, _, note = body_of({"created_at": text})
     assert body["created_at"] == expected and note is None
@@ -127,8 +190,7 @@ def test_custom_attributes_false_sends_no_custom():
 
 def test_message_ids_of_a_user_and_an_account_with_the_same_id_text_differ():
     changed = [("k", "true")]
-    assert message_id("42", 0, None, changed) != message_id("42", 0, None, changed,
-                                                            "customer")
+    assert message_id("42", 0, None, changed) != message_id("42", 0, None, changed, "customer")
 
 
 def test_contact_message_ids_are_what_they_were_before_accounts():
@@ -143,24 +205,39 @@ def test_contact_message_ids_are_what_they_were_before_accounts():
 
 blankish = st.sampled_from(["", " ", "\t"])
 maybe = st.none() | st.text(max_size=20) | blankish
-fields = st.fixed_dictionaries({}, optional={
-    **dict.fromkeys(ACCOUNT_FIELDS, maybe),
-    "created_at": st.none() | st.sampled_from(["2024-01-01", "x", "2024-01-01T00:00:00Z"]),
-})
+fields = st.fixed_dictionaries(
+    {},
+    optional={
+        **dict.fromkeys(ACCOUNT_FIELDS, maybe),
+        "created_at": st.none() | st.sampled_from(["2024-01-01", "x", "2024-01-01T00:00:00Z"]),
+    },
+)
 values = st.booleans() | st.integers() | st.text(max_size=10) | st.none()
-changes = st.lists(st.tuples(st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True), values),
-                   max_size=4, unique_by=lambda c: c[0]).map(sorted)
+changes = st.lists(
+    st.tuples(st.from_regex(r"[a-z0-9_]{1,12}", fullmatch=True), values),
+    max_size=4,
+    unique_by=lambda c: c[0],
+).map(sorted)
 
 
 @settings(max_examples=300)
-@given(st.none() | st.text(max_size=10), st.none() | st.text(max_size=10), fields, changes,
-       st.booleans())
-def test_body_keys_are_allowed_in_order_and_never_null_or_blank(user_id, group_id, fields,
-                                                                 changed, custom_attributes):
+@given(
+    st.none() | st.text(max_size=10),
+    st.none() | st.text(max_size=10),
+    fields,
+    changes,
+    st.booleans(),
+)
+def test_body_keys_are_allowed_in_order_and_never_null_or_blank(
+    user_id, group_id, fields, changed, custom_attributes
+):
     body, skip, _ = body_of(fields, user_id, group_id, changed, custom_attributes)
     assert [k for k in ORDER if k in body] == list(body)
-    inner = [*body.values(), *body.get("address", {}).values(),
-             *(c["value"] for c in body.get("custom", []))]
+    inner = [
+        *body.values(),
+        *body.get("address", {}).values(),
+        *(c["value"] for c in body.get("custom", [])),
+    ]
     for value in inner:
         assert value is not None and not (isinstance(value, str) and not value.strip())
     assert all(isinstance(v, str) for v in body.get("address", {}).values())

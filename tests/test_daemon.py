@@ -42,10 +42,15 @@ def people(setup: Setup) -> Setup:
 
 # --- the scheduler, inspected without running it ------------------------------------
 
-@pytest.mark.parametrize("schedule, trigger_type", [
-    (Schedule(interval_minutes=120), IntervalTrigger),
-    (Schedule(cron="0 */2 * * *"), CronTrigger),
-], ids=["interval", "cron"])
+
+@pytest.mark.parametrize(
+    "schedule, trigger_type",
+    [
+        (Schedule(interval_minutes=120), IntervalTrigger),
+        (Schedule(cron="0 */2 * * *"), CronTrigger),
+    ],
+    ids=["interval", "cron"],
+)
 def test_scheduler_has_one_coalescing_single_instance_job(schedule, trigger_type):
     scheduler = build_scheduler(schedule, lambda: None, FIRST_RUN)
     job = scheduler.get_job(JOB_ID)
@@ -67,14 +72,15 @@ def test_interval_and_cron_come_from_the_schedule():
     assert interval.get_job(JOB_ID).trigger.interval == timedelta(minutes=90)
     cron = build_scheduler(Schedule(cron="15 */2 * * 1-5"), lambda: None, FIRST_RUN)
     saturday = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-    assert cron.get_job(JOB_ID).trigger.get_next_fire_time(None, saturday) == \
-        datetime(2026, 11, 30, 0, 15, tzinfo=UTC)                  # Monday, crontab's 1
+    assert cron.get_job(JOB_ID).trigger.get_next_fire_time(None, saturday) == datetime(
+        2026, 11, 30, 0, 15, tzinfo=UTC
+    )  # Monday, crontab's 1
 
 
 # --- the job body, called directly ----------------------------------------------------
 
-def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(
-        people, engine_of, caplog):
+
+def test_job_body_runs_one_scheduled_sync_and_logs_one_line_with_counts(people, engine_of, caplog):
     caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine, metrics = engine_of(people), Metrics()
     result = run_once(people.config(), engine, Seams(), metrics)
@@ -94,8 +100,7 @@ def test_tick_finding_the_lock_held_logs_one_line_and_skips(people, engine_of, c
     caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine, metrics = engine_of(people), Metrics()
     with RunLock(engine):
-        assert run_once(people.config(), engine, Seams(), metrics) \
-            is None
+        assert run_once(people.config(), engine, Seams(), metrics) is None
     (line,) = daemon_log(caplog)
     assert line.getMessage().startswith("tick skipped: another run holds the lock")
     assert all_runs(engine) == [] and people.receiver.bodies() == []
@@ -105,13 +110,17 @@ def test_tick_finding_the_lock_held_logs_one_line_and_skips(people, engine_of, c
 def test_failed_run_is_recorded_and_the_next_tick_runs(people, engine_of, caplog):
     caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine, metrics = engine_of(people), Metrics()
-    broken = people.config_text().replace(people.warehouse.url,
-                                          f"sqlite:///{people.tmp_path}/missing/source.db")
+    broken = people.config_text().replace(
+        people.warehouse.url, f"sqlite:///{people.tmp_path}/missing/source.db"
+    )
     (people.tmp_path / "broken.toml").write_text(broken)
     from reconciler.config import load_config
+
     options = Seams()
-    assert run_once(load_config(people.tmp_path / "broken.toml", env={}), engine, options,
-                    metrics) is None
+    assert (
+        run_once(load_config(people.tmp_path / "broken.toml", env={}), engine, options, metrics)
+        is None
+    )
     (line,) = daemon_log(caplog)
     assert line.levelno == logging.ERROR and "source database" in line.getMessage()
     assert [r.status for r in all_runs(engine)] == ["failed"]
@@ -130,8 +139,7 @@ class ExplodingTransport(httpx.BaseTransport):
 def test_crash_inside_a_run_is_recorded_and_the_daemon_keeps_going(people, engine_of, caplog):
     caplog.set_level(logging.INFO, logger="reconciler.ops.daemon")
     engine = engine_of(people)
-    crashed = run_once(people.config(), engine,
-                       Seams(transport=ExplodingTransport()))
+    crashed = run_once(people.config(), engine, Seams(transport=ExplodingTransport()))
     assert crashed is None
     (line,) = daemon_log(caplog)
     assert line.levelno == logging.ERROR and "RuntimeError: boom" in line.getMessage()
@@ -151,6 +159,7 @@ def test_job_body_does_nothing_once_stopping(people, engine_of):
 
 
 # --- the command and the real process -------------------------------------------------
+
 
 def test_daemon_without_a_schedule_is_a_config_error_naming_the_fix(setup):
     path = setup.write()
@@ -193,18 +202,19 @@ def test_stop_signal_during_deliveries_leaves_nothing_half_recorded(setup, engin
     (run,) = all_runs(engine)
     answered = {r.body["message_id"] for r in setup.receiver.requests}
     with engine.connect() as conn:
-        by_status = dict(conn.execute(select(updates.c.status, func.count())
-                                      .group_by(updates.c.status)).all())
-        sent_ids = set(conn.execute(select(updates.c.message_id)
-                                    .where(updates.c.status == "sent")).scalars())
-    assert sent_ids == answered                       # every 2xx is recorded, nothing more
+        by_status = dict(
+            conn.execute(select(updates.c.status, func.count()).group_by(updates.c.status)).all()
+        )
+        sent_ids = set(
+            conn.execute(select(updates.c.message_id).where(updates.c.status == "sent")).scalars()
+        )
+    assert sent_ids == answered  # every 2xx is recorded, nothing more
     assert by_status.get("sent", 0) + by_status.get("pending", 0) == len(users)
     assert run.sent == len(sent_ids) and run.pending == by_status.get("pending", 0)
     assert run.status == ("partial" if run.pending else "succeeded")
 
 
-def test_stopped_daemon_leaves_no_run_running_and_the_next_run_sends_the_rest(
-        setup, engine_of):
+def test_stopped_daemon_leaves_no_run_running_and_the_next_run_sends_the_rest(setup, engine_of):
     users = [f"u{n:02d}" for n in range(20)]
     setup.warehouse.members("High Value Users", *users)
     setup.receiver.respond = lambda _n, _body: Reply(delay=0.2)
@@ -217,8 +227,12 @@ def test_stopped_daemon_leaves_no_run_running_and_the_next_run_sends_the_rest(
     finally:
         daemon.kill()
     with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(sync_runs)
-                            .where(sync_runs.c.status == "running")).scalar_one() == 0
+        assert (
+            conn.execute(
+                select(func.count()).select_from(sync_runs).where(sync_runs.c.status == "running")
+            ).scalar_one()
+            == 0
+        )
     first = {r.body["user_id"] for r in setup.receiver.requests}
     setup.receiver.respond = lambda _n, _body: Reply()
     setup.receiver.clear()

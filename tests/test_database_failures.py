@@ -23,16 +23,20 @@ from .helpers import cli
 from .receiver import Reply
 
 PASSWORD = "hunter2-pw"
-PG_SERVER = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://postgres@",
-                                                f"postgresql://postgres:{PASSWORD}@")
+PG_SERVER = PG_ADMIN.rsplit("/", 1)[0].replace(
+    "postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@"
+)
 
 
 def durable_state(engine: Engine) -> tuple[Any, ...]:
     """What a failed run must not change: acknowledged and live updates."""
     with engine.connect() as conn:
-        return (conn.execute(select(acked).order_by(acked.c.user_id, acked.c.key)).all(),
-                conn.execute(select(updates.c.id, updates.c.status, updates.c.message_id)
-                             .order_by(updates.c.id)).all())
+        return (
+            conn.execute(select(acked).order_by(acked.c.user_id, acked.c.key)).all(),
+            conn.execute(
+                select(updates.c.id, updates.c.status, updates.c.message_id).order_by(updates.c.id)
+            ).all(),
+        )
 
 
 def run_count(engine: Engine) -> int:
@@ -54,8 +58,7 @@ def history(setup: Setup, engine_of) -> tuple[Setup, Engine]:
     """u1 acknowledged, u2's update pending (the webhook answered 503)."""
     setup.warehouse.members("High Value Users", "u1", "u2")
     setup.receiver.respond = lambda _n, body: Reply(503 if body["user_id"] == "u2" else 200)
-    assert cli("sync", "--config", str(setup.write(destination="max_attempts = 1"))
-               ).exit_code == 1
+    assert cli("sync", "--config", str(setup.write(destination="max_attempts = 1"))).exit_code == 1
     setup.receiver.respond = lambda _n, _b: Reply(200)
     setup.receiver.clear()
     setup.warehouse.members("High Value Users", "u1", "u2", "u3")
@@ -77,39 +80,60 @@ def sqlite_lock(path: Path, mode: str) -> Iterator[None]:
 @dataclass
 class SourceCase:
     id: str
-    source: Callable[[Setup], str] | None   # the source URL, None to keep the warehouse
+    source: Callable[[Setup], str] | None  # the source URL, None to keep the warehouse
     message: str
-    query: str | None = None                 # an extra audience with this query
+    query: str | None = None  # an extra audience with this query
     hold: Callable[[Setup], contextlib.AbstractContextManager[None]] | None = None
-    absent: str | None = None                # a file that must not be created
+    absent: str | None = None  # a file that must not be created
 
 
 SOURCE_CASES = [
-    SourceCase("unreachable-server", lambda s: PG_SERVER.rsplit(":", 1)[0] + ":1/warehouse",
-               "connection failed: "),
-    SourceCase("missing-database", lambda s: PG_SERVER + "/no_such_warehouse",
-               'database "no_such_warehouse" does not exist'),
-    SourceCase("missing-sqlite-file", lambda s: f"sqlite:///{s.tmp_path / 'typo.db'}",
-               "unable to open database file; check the path: the file must exist",
-               absent="typo.db"),
-    SourceCase("failing-query", None,
-               'audience "Broken": query failed: no such table: no_such_table '
-               "(source database sqlite:///{warehouse})",
-               query="SELECT user_id FROM no_such_table"),
-    SourceCase("query-of-a-state-table", None,
-               'audience "Broken": query failed: no such table: acked',
-               query="SELECT user_id FROM acked"),
-    SourceCase("syntax-error", None, 'audience "Broken": query failed: near "SELEC"',
-               query="SELEC user_id FROM members"),
-    SourceCase("locked-sqlite-file", lambda s: s.warehouse.url + "?timeout=0.2",
-               "database is locked; another program holds a lock on the file",
-               hold=lambda s: sqlite_lock(s.warehouse.path, "EXCLUSIVE")),
+    SourceCase(
+        "unreachable-server",
+        lambda s: PG_SERVER.rsplit(":", 1)[0] + ":1/warehouse",
+        "connection failed: ",
+    ),
+    SourceCase(
+        "missing-database",
+        lambda s: PG_SERVER + "/no_such_warehouse",
+        'database "no_such_warehouse" does not exist',
+    ),
+    SourceCase(
+        "missing-sqlite-file",
+        lambda s: f"sqlite:///{s.tmp_path / 'typo.db'}",
+        "unable to open database file; check the path: the file must exist",
+        absent="typo.db",
+    ),
+    SourceCase(
+        "failing-query",
+        None,
+        'audience "Broken": query failed: no such table: no_such_table '
+        "(source database sqlite:///{warehouse})",
+        query="SELECT user_id FROM no_such_table",
+    ),
+    SourceCase(
+        "query-of-a-state-table",
+        None,
+        'audience "Broken": query failed: no such table: acked',
+        query="SELECT user_id FROM acked",
+    ),
+    SourceCase(
+        "syntax-error",
+        None,
+        'audience "Broken": query failed: near "SELEC"',
+        query="SELEC user_id FROM members",
+    ),
+    SourceCase(
+        "locked-sqlite-file",
+        lambda s: s.warehouse.url + "?timeout=0.2",
+        "database is locked; another program holds a lock on the file",
+        hold=lambda s: sqlite_lock(s.warehouse.path, "EXCLUSIVE"),
+    ),
 ]
 
 
 def _source_config(setup: Setup, case: SourceCase) -> Path:
-    extra = (f'\n[[audiences]]\nname = "Broken"\nquery = "{case.query}"\n'
-             if case.query else "")
+    extra = f'\n[[audiences]]\nname = "Broken"\nquery = "{case.query}"\n' if case.query else ""
     text = setup.config_text(extra=extra)
     if case.source:
         text = text.replace(f'url = "{setup.warehouse.url}"', f'url = "{case.source(setup)}"')
@@ -151,13 +175,18 @@ def test_source_failure_in_a_dry_run_leaves_no_run_behind(history, case: SourceC
 
 
 @pytest.mark.parametrize("command", [["sync"], ["resync"], ["migrate"], ["history"]])
-@pytest.mark.parametrize("url, message", [
-    (PG_SERVER.rsplit(":", 1)[0] + ":1/state",
-     "connection failed: "),
-    (PG_SERVER + "/no_such_state", 'database "no_such_state" does not exist'),
-    ("sqlite:///{tmp}/no/such/dir/state.db",
-     "unable to open database file; check that the directory exists and is writable"),
-], ids=["unreachable-server", "missing-database", "missing-sqlite-directory"])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        (PG_SERVER.rsplit(":", 1)[0] + ":1/state", "connection failed: "),
+        (PG_SERVER + "/no_such_state", 'database "no_such_state" does not exist'),
+        (
+            "sqlite:///{tmp}/no/such/dir/state.db",
+            "unable to open database file; check that the directory exists and is writable",
+        ),
+    ],
+    ids=["unreachable-server", "missing-database", "missing-sqlite-directory"],
+)
 def test_unreachable_state_database(tmp_path, warehouse, receiver, command, url, message):
     setup = Setup(tmp_path, url.replace("{tmp}", str(tmp_path)), warehouse, receiver)
     warehouse.members("High Value Users", "u1")
@@ -217,9 +246,9 @@ def test_read_only_state_file(sqlite_history, command):
     with immutable(setup.tmp_path / "state.db"):
         line = one_line(cli(*command, "--config", str(path)))
         reading = cli("history", "--json", "--config", str(path))
-    assert line.startswith("reconciler: attempt to write a readonly database; make the file "
-                           "and its directory writable") and line.endswith(
-        f"(state database {setup.state_url}?timeout=0.2)")
+    assert line.startswith(
+        "reconciler: attempt to write a readonly database; make the file and its directory writable"
+    ) and line.endswith(f"(state database {setup.state_url}?timeout=0.2)")
     assert reading.exit_code == 0, "reading history needs no write access"
     assert setup.receiver.bodies() == []
     assert (durable_state(engine), run_count(engine)) == (before, runs)

@@ -45,13 +45,13 @@ def flaky(rng: random.Random) -> Any:
         if roll < 0.30:
             return Reply(drop=True)
         return Reply()
+
     return respond
 
 
 def count(engine: Engine, table: Any, *where: Any) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(table).where(*where))
-                   .scalar_one())
+        return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
 
 def converge(setup: Setup, engine: Engine, seed: int, changes: int) -> None:
@@ -75,9 +75,11 @@ def converge(setup: Setup, engine: Engine, seed: int, changes: int) -> None:
     applied = [r.body for r in setup.receiver.requests if 200 <= r.status < 300]
     view, repeated, noop, noop_new_id = replay(applied)
     lost = source.lost(view)
-    print(f"\n[{setup.state_url.split(':')[0]}] runs {len(statuses)}, requests "
-          f"{len(setup.receiver.requests)}, applied {len(applied)}, lost {len(lost)}, "
-          f"repeated ids {repeated}, no-op bodies {noop} (with a new id: {noop_new_id})")
+    print(
+        f"\n[{setup.state_url.split(':')[0]}] runs {len(statuses)}, requests "
+        f"{len(setup.receiver.requests)}, applied {len(applied)}, lost {len(lost)}, "
+        f"repeated ids {repeated}, no-op bodies {noop} (with a new id: {noop_new_id})"
+    )
     assert lost == []
     assert noop_new_id == 0
     assert count(engine, deliveries) == len(setup.receiver.requests)

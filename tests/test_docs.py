@@ -28,8 +28,9 @@ def blocks(language: str) -> list[tuple[str, int, str]]:
     """(file, number, text) of every fenced block in `language`."""
     found = []
     for doc in DOCS:
-        texts = re.findall(rf"^```{language}\n(.*?)^```", doc.read_text(encoding="utf-8"),
-                           re.DOTALL | re.MULTILINE)
+        texts = re.findall(
+            rf"^```{language}\n(.*?)^```", doc.read_text(encoding="utf-8"), re.DOTALL | re.MULTILINE
+        )
         found += [(doc.name, n, text) for n, text in enumerate(texts, 1)]
     return found
 
@@ -42,8 +43,9 @@ def command_lines() -> list[tuple[str, str]]:
     table, and on the lines of shell blocks."""
     found = []
     for doc in DOCS:
-        for row in re.findall(r"^\| `(reconciler(?: [^`]*)?)`", doc.read_text(encoding="utf-8"),
-                              re.MULTILINE):
+        for row in re.findall(
+            r"^\| `(reconciler(?: [^`]*)?)`", doc.read_text(encoding="utf-8"), re.MULTILINE
+        ):
             found.append((doc.name, row.replace("\\|", "|")))
     for name, _, text in blocks("sh"):
         for line in text.splitlines():
@@ -60,7 +62,8 @@ def test_the_docs_have_examples_to_check():
     assert {name for name, _, _ in TOML} >= {"README.md", "reference.md", "operations.md"}
     # the reference's table names every command
     assert {words_of(line)[1] for doc, line in COMMANDS if doc == "reference.md"} >= set(
-        main.commands)
+        main.commands
+    )
 
 
 @pytest.fixture
@@ -68,31 +71,42 @@ def warehouse(tmp_path: Path) -> str:
     """A source with the tables the examples query."""
     path = tmp_path / "warehouse.db"
     with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE users (user_id TEXT, email TEXT, first_name TEXT, "
-                     "last_name TEXT)")
+        conn.execute(
+            "CREATE TABLE users (user_id TEXT, email TEXT, first_name TEXT, last_name TEXT)"
+        )
         conn.execute("CREATE TABLE orders (user_id TEXT, amount NUMERIC, completed_at TEXT)")
         conn.execute("INSERT INTO users VALUES ('u1', 'jane@acme.com', 'Jane', 'Doe')")
         conn.execute("INSERT INTO orders VALUES ('u1', 120, date('now'))")
-        conn.execute("CREATE TABLE companies (group_id TEXT, user_id TEXT, name TEXT, "
-                     "website TEXT, city TEXT, country TEXT, seats INTEGER)")
-        conn.execute("INSERT INTO companies VALUES ('g1', 'u1', 'Acme', 'https://acme.com', "
-                     "'Paris', 'FR', 120)")
+        conn.execute(
+            "CREATE TABLE companies (group_id TEXT, user_id TEXT, name TEXT, "
+            "website TEXT, city TEXT, country TEXT, seats INTEGER)"
+        )
+        conn.execute(
+            "INSERT INTO companies VALUES ('g1', 'u1', 'Acme', 'https://acme.com', "
+            "'Paris', 'FR', 120)"
+        )
     return f"sqlite:///{path}"
 
 
 def entries_in(raw: dict[str, Any]) -> int:
-    return sum(len(raw.get(section, [])) for section in
-               ("audiences", "traits", "account_audiences", "account_traits"))
+    return sum(
+        len(raw.get(section, []))
+        for section in ("audiences", "traits", "account_audiences", "account_traits")
+    )
 
 
 @pytest.mark.parametrize("doc, number, text", TOML, ids=[f"{d}#{n}" for d, n, _ in TOML])
-def test_toml_example_parses_loads_and_syncs(doc, number, text, tmp_path, warehouse,
-                                             receiver: Receiver):
+def test_toml_example_parses_loads_and_syncs(
+    doc, number, text, tmp_path, warehouse, receiver: Receiver
+):
     raw = tomllib.loads(text)
     path = tmp_path / "example.toml"
     path.write_text(text, encoding="utf-8")
-    env = {"RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}",
-           "RECONCILER_SOURCE_URL": warehouse, "CHARTMOGUL_WEBHOOK_URL": receiver.url}
+    env = {
+        "RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+        "RECONCILER_SOURCE_URL": warehouse,
+        "CHARTMOGUL_WEBHOOK_URL": receiver.url,
+    }
     config = load_config(path, env=env)
     assert len(config.entries) == entries_in(raw)
     for section in ("destination", "schedule", "daemon", "history"):
@@ -112,8 +126,12 @@ def words_of(line: str) -> list[str]:
 
 
 def options_of(command: click.Command) -> set[str]:
-    return {opt for p in command.params if isinstance(p, click.Option)
-            for opt in (*p.opts, *p.secondary_opts)} | {"--help", "-h"}
+    return {
+        opt
+        for p in command.params
+        if isinstance(p, click.Option)
+        for opt in (*p.opts, *p.secondary_opts)
+    } | {"--help", "-h"}
 
 
 @pytest.mark.parametrize("doc, line", COMMANDS, ids=[f"{d}: {line}" for d, line in COMMANDS])

@@ -24,11 +24,13 @@ HV = "high_value_users"
 PROFILE = "SELECT user_id, email, linked_in, phone, first_name, company_id FROM people"
 
 
-def write(setup: Setup, profile: str = PROFILE, source: str | None = None,
-          audience: str | None = None) -> Path:
+def write(
+    setup: Setup, profile: str = PROFILE, source: str | None = None, audience: str | None = None
+) -> Path:
     text = setup.config_text(audiences=("High Value Users",), traits=())
-    text = re.sub(r"\[profile\]\nquery = '''.*?'''", f'[profile]\nquery = "{profile}"', text,
-                  flags=re.S)
+    text = re.sub(
+        r"\[profile\]\nquery = '''.*?'''", f'[profile]\nquery = "{profile}"', text, flags=re.S
+    )
     if audience:
         text = text.replace("FROM members WHERE audience = 'High Value Users'", audience)
     if source:
@@ -40,12 +42,16 @@ def write(setup: Setup, profile: str = PROFILE, source: str | None = None,
 
 @pytest.fixture
 def people(setup: Setup) -> Setup:
-    setup.warehouse.execute("CREATE TABLE people (user_id TEXT, email TEXT, linked_in TEXT, "
-                            "phone, first_name, company_id)")
-    rows = [("u1", "josé@acme.com", "https://linkedin.com/in/jose", None, "José", 42.0),
-            ("u2", "jane@acme.local", "linkedin.com/in/jane", 5551234.0, "Jane", 7),
-            ("u3", "ann at example", "in/ann", None, 12.5, None),
-            ("u4", "bob@example.com", "https://www.linkedin.com/in/bob", None, "Bob", None)]
+    setup.warehouse.execute(
+        "CREATE TABLE people (user_id TEXT, email TEXT, linked_in TEXT, "
+        "phone, first_name, company_id)"
+    )
+    rows = [
+        ("u1", "josé@acme.com", "https://linkedin.com/in/jose", None, "José", 42.0),
+        ("u2", "jane@acme.local", "linkedin.com/in/jane", 5551234.0, "Jane", 7),
+        ("u3", "ann at example", "in/ann", None, 12.5, None),
+        ("u4", "bob@example.com", "https://www.linkedin.com/in/bob", None, "Bob", None),
+    ]
     setup.warehouse.executemany("INSERT INTO people VALUES (?, ?, ?, ?, ?, ?)", rows)
     setup.warehouse.members("High Value Users", "u1", "u2", "u3", "u4")
     return setup
@@ -58,7 +64,8 @@ def test_values_that_fail_their_format_are_left_out_noted_and_counted(people: Se
     assert "; emails left out: 2; linked_in left out: 2" in result.stdout
     bodies = {b["user_id"]: b for b in people.receiver.bodies()}
     assert "email" not in bodies["u1"] and bodies["u1"]["linked_in"] == (
-        "https://linkedin.com/in/jose")
+        "https://linkedin.com/in/jose"
+    )
     assert bodies["u2"]["email"] == "jane@acme.local" and "linked_in" not in bodies["u2"]
     assert "email" not in bodies["u3"] and "linked_in" not in bodies["u3"]
     assert bodies["u4"]["email"] == "bob@example.com"
@@ -101,13 +108,18 @@ def test_an_integral_float_user_id_is_its_integer(people: Setup, engine_of):
 def test_decimals_from_postgresql_are_sent_as_their_shortest_text(people: Setup, pg_url):
     with psycopg.connect(pg_url.replace("+psycopg", "")) as conn:
         conn.execute("CREATE TABLE members (audience text, user_id numeric(10, 2))")
-        conn.execute("INSERT INTO members VALUES ('High Value Users', 7.00), "
-                     "('High Value Users', 8.50)")
-        conn.execute("CREATE TABLE people (user_id numeric(10, 2), email text, "
-                     "linked_in text, phone numeric(12, 2), first_name text, "
-                     "company_id numeric(10, 3))")
-        conn.execute("INSERT INTO people VALUES (7, NULL, NULL, 5551234.00, 'Ann', 42.000), "
-                     "(8.5, NULL, NULL, NULL, 'Bo', 4.250)")
+        conn.execute(
+            "INSERT INTO members VALUES ('High Value Users', 7.00), ('High Value Users', 8.50)"
+        )
+        conn.execute(
+            "CREATE TABLE people (user_id numeric(10, 2), email text, "
+            "linked_in text, phone numeric(12, 2), first_name text, "
+            "company_id numeric(10, 3))"
+        )
+        conn.execute(
+            "INSERT INTO people VALUES (7, NULL, NULL, 5551234.00, 'Ann', 42.000), "
+            "(8.5, NULL, NULL, NULL, 'Bo', 4.250)"
+        )
     path = write(people, source=pg_url)
     result = cli("sync", "--config", str(path))
     assert result.exit_code == 0, result.output
@@ -117,11 +129,21 @@ def test_decimals_from_postgresql_are_sent_as_their_shortest_text(people: Setup,
     assert bodies["8.5"]["company"] == {"id": "4.25"}
 
 
-@pytest.mark.parametrize("value, text", [
-    (42, "42"), (42.0, "42"), (-0.0, "0"), (7.5, "7.5"), (1e20, "100000000000000000000"),
-    (1e21, "1e+21"), (Decimal("42.00"), "42"), (Decimal("42.50"), "42.5"),
-    (Decimal("1E-7"), "0.0000001"), (Decimal("-3"), "-3"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (42, "42"),
+        (42.0, "42"),
+        (-0.0, "0"),
+        (7.5, "7.5"),
+        (1e20, "100000000000000000000"),
+        (1e21, "1e+21"),
+        (Decimal("42.00"), "42"),
+        (Decimal("42.50"), "42.5"),
+        (Decimal("1E-7"), "0.0000001"),
+        (Decimal("-3"), "-3"),
+    ],
+)
 def test_number_text(value, text):
     assert number_text(value) == text
 
@@ -133,8 +155,10 @@ def test_number_text_refuses_what_is_not_a_number(value):
 
 
 def test_profile_fields_and_user_ids_use_number_text():
-    fields = profile_fields("u", ["company_id", "phone", "first_name", "title"],
-                            [42.0, Decimal("5551234.00"), True, "x"])
-    assert fields == {"company_id": "42", "phone": "5551234", "first_name": "true",
-                      "title": "x"}
+    fields = profile_fields(
+        "u",
+        ["company_id", "phone", "first_name", "title"],
+        [42.0, Decimal("5551234.00"), True, "x"],
+    )
+    assert fields == {"company_id": "42", "phone": "5551234", "first_name": "true", "title": "x"}
     assert [user_id_text(v) for v in (7.0, Decimal("7.00"), 7, "7.0")] == ["7", "7", "7", "7.0"]

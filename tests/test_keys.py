@@ -17,33 +17,41 @@ from reconciler.keys import EXPLICIT_KEY, derive_key
 KEY = re.compile(r"^[a-z0-9]+(_[a-z0-9]+)*$")
 
 
-@pytest.mark.parametrize("name, key", [
-    ("Order Completed Last 30 Days", "order_completed_last_30_days"),
-    ("order completed last 30days", "order_completed_last_30days"),
-    ("High-Value Users", "high_value_users"),
-    ("HighValueUsers", "high_value_users"),
-    ("NPS Score", "nps_score"),
-    ("Café Users", "cafe_users"),
-])
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("Order Completed Last 30 Days", "order_completed_last_30_days"),
+        ("order completed last 30days", "order_completed_last_30days"),
+        ("High-Value Users", "high_value_users"),
+        ("HighValueUsers", "high_value_users"),
+        ("NPS Score", "nps_score"),
+        ("Café Users", "cafe_users"),
+    ],
+)
 def test_spec_examples(name, key):
     assert derive_key(name) == key
 
 
-@pytest.mark.parametrize("name, key", [
-    ("  Trailing -- punctuation!! ", "trailing_punctuation"),
-    ("__already_snake__", "already_snake"),
-    ("Ünïcödé Ñame", "unicode_name"),
-    ("HTTPStatus Code", "http_status_code"),
-    ("100% Club", "100_club"),
-    ("日本語", ""),
-    ("!!!", ""),
-])
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("  Trailing -- punctuation!! ", "trailing_punctuation"),
+        ("__already_snake__", "already_snake"),
+        ("Ünïcödé Ñame", "unicode_name"),
+        ("HTTPStatus Code", "http_status_code"),
+        ("100% Club", "100_club"),
+        ("日本語", ""),
+        ("!!!", ""),
+    ],
+)
 def test_more_names(name, key):
     assert derive_key(name) == key
 
 
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)),  # type: ignore[arg-type]
-                max_size=60)
+names = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs",)),  # type: ignore[arg-type]
+    max_size=60,
+)
 
 
 @settings(max_examples=300)
@@ -77,8 +85,10 @@ def _toml(text: str) -> str:
 
 
 def _load(*entries: tuple[str, str]) -> None:
-    text = ('[source]\nurl = "sqlite:///w.db"\n[destination]\n'
-            'webhook_url = "https://hooks.example.com/x"\n')
+    text = (
+        '[source]\nurl = "sqlite:///w.db"\n[destination]\n'
+        'webhook_url = "https://hooks.example.com/x"\n'
+    )
     for section, name in entries:
         text += f'[[{section}]]\nname = {_toml(name)}\nquery = "SELECT user_id FROM t"\n'
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +104,11 @@ def _variant(name: str, style: int) -> str:
 
 
 @settings(max_examples=100, deadline=None)
-@given(names.filter(lambda n: derive_key(n) != "" and n.strip() != ""),
-       st.integers(0, 3), st.sampled_from(["audiences", "traits"]))
+@given(
+    names.filter(lambda n: derive_key(n) != "" and n.strip() != ""),
+    st.integers(0, 3),
+    st.sampled_from(["audiences", "traits"]),
+)
 def test_two_names_with_one_key_are_a_config_error_naming_both(name, style, section):
     other = _variant(name, style)
     if other == name or derive_key(other) != derive_key(name):

@@ -37,8 +37,7 @@ def imported_at_load(path: Path, known: set[str]) -> set[str]:
 
 def test_no_module_imports_itself_back_through_others():
     found = modules()
-    graph = {name: imported_at_load(path, set(found)) - {name}
-             for name, path in found.items()}
+    graph = {name: imported_at_load(path, set(found)) - {name} for name, path in found.items()}
     done: set[str] = set()
 
     def visit(name: str, trail: list[str]) -> None:
@@ -56,9 +55,13 @@ def test_no_module_imports_itself_back_through_others():
 
 def test_the_readme_module_map_names_every_module():
     text = README.read_text()
-    missing = [str(path.relative_to(PACKAGE.parent)) for path in modules().values()
-               if path.name != "__init__.py" and path.name != "__main__.py"
-               and str(path.relative_to(PACKAGE.parent)).removeprefix("reconciler/") not in text]
+    missing = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in modules().values()
+        if path.name != "__init__.py"
+        and path.name != "__main__.py"
+        and str(path.relative_to(PACKAGE.parent)).removeprefix("reconciler/") not in text
+    ]
     assert missing == []
 
 

@@ -36,16 +36,30 @@ def engine(state_url: str) -> Any:
     engine.dispose()
 
 
-def plant(engine: Engine, *, host: str | None = None, pid: int | None = None,
-          pid_started: str | None = None, lease: timedelta = timedelta(seconds=60)) -> None:
+def plant(
+    engine: Engine,
+    *,
+    host: str | None = None,
+    pid: int | None = None,
+    pid_started: str | None = None,
+    lease: timedelta = timedelta(seconds=60),
+) -> None:
     """Write a lock row as some other holder would have."""
     now = datetime.now(UTC)
     pid = pid if pid is not None else os.getpid()
     with engine.begin() as conn:
-        conn.execute(insert(run_lock).values(
-            id=1, token="someone-else", host=host or socket.gethostname(), pid=pid,
-            pid_started=pid_started if pid_started is not None else process_start(pid) or "",
-            run_id=None, acquired_at=now - timedelta(minutes=5), lease_until=now + lease))
+        conn.execute(
+            insert(run_lock).values(
+                id=1,
+                token="someone-else",
+                host=host or socket.gethostname(),
+                pid=pid,
+                pid_started=pid_started if pid_started is not None else process_start(pid) or "",
+                run_id=None,
+                acquired_at=now - timedelta(minutes=5),
+                lease_until=now + lease,
+            )
+        )
 
 
 def holder(engine: Engine) -> Any:
@@ -82,10 +96,12 @@ def test_lock_released_after_a_run_lets_the_next_one_in(engine):
 
 
 def test_lock_of_a_killed_process_on_this_host_is_taken_over_at_once(engine, state_url):
-    code = ("import sys, time; from reconciler.state.db import state_engine; "
-            "from reconciler.state.lock import RunLock; "
-            f"RunLock(state_engine({state_url!r})).acquire(); print('held', flush=True); "
-            "time.sleep(120)")
+    code = (
+        "import sys, time; from reconciler.state.db import state_engine; "
+        "from reconciler.state.lock import RunLock; "
+        f"RunLock(state_engine({state_url!r})).acquire(); print('held', flush=True); "
+        "time.sleep(120)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "held\n"
@@ -132,6 +148,7 @@ def test_racing_starters_take_a_dead_lock_only_once(engine):
             outcomes.append("won")
         except LockHeld:
             outcomes.append("refused")
+
     threads = [threading.Thread(target=start, args=(lock,)) for lock in locks]
     for thread in threads:
         thread.start()
@@ -178,6 +195,7 @@ def test_run_stops_sending_when_its_lock_is_lost(setup, engine_of, monkeypatch):
     def fast_renewing(engine: Engine) -> RunLock:
         made.append(RunLock(engine, renew_every=0.01))
         return made[-1]
+
     monkeypatch.setattr(run_module, "RunLock", fast_renewing)
 
     def respond(n: int, _body: dict[str, Any]) -> Reply:
@@ -186,6 +204,7 @@ def test_run_stops_sending_when_its_lock_is_lost(setup, engine_of, monkeypatch):
                 conn.execute(update(run_lock).values(token="thief"))
             made[0].lost.wait(10)  # the renewal notices within a few renewals
         return Reply()
+
     setup.receiver.respond = respond
     config = setup.config()
     config = replace(config, destination=replace(config.destination, max_concurrency=1))
@@ -196,10 +215,12 @@ def test_run_stops_sending_when_its_lock_is_lost(setup, engine_of, monkeypatch):
     assert holder(engine).token == "thief"
 
 
-def test_lease_renewals_during_a_long_snapshot_do_not_lock_the_run_out(setup, engine_of,
-                                                                      monkeypatch):
+def test_lease_renewals_during_a_long_snapshot_do_not_lock_the_run_out(
+    setup, engine_of, monkeypatch
+):
     """The run writes its plan after other connections renewed the lease meanwhile."""
     import functools
+
     monkeypatch.setattr(run_module, "RunLock", functools.partial(RunLock, renew_every=0.005))
     setup.warehouse.members("High Value Users", *(f"u{i}" for i in range(3_000)))
     result = sync(setup.config(), engine_of(setup))

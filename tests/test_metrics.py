@@ -17,19 +17,28 @@ from .conftest import Setup
 from .processes import Daemon, free_port, wait_for
 from .receiver import Reply
 
-METRICS = {"reconciler_runs", "reconciler_updates", "reconciler_lock_skips",
-           "reconciler_pending_updates", "reconciler_last_success_timestamp_seconds",
-           "reconciler_run_duration_seconds", "reconciler_snapshot_users",
-           "reconciler_halted_audiences", "reconciler_snapshot_accounts"}
+METRICS = {
+    "reconciler_runs",
+    "reconciler_updates",
+    "reconciler_lock_skips",
+    "reconciler_pending_updates",
+    "reconciler_last_success_timestamp_seconds",
+    "reconciler_run_duration_seconds",
+    "reconciler_snapshot_users",
+    "reconciler_halted_audiences",
+    "reconciler_snapshot_accounts",
+}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """sample name and labels → value, from GET http://127.0.0.1:port/metrics."""
     response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     response.raise_for_status()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text)
-            for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def families(port: int) -> set[str]:
@@ -46,8 +55,9 @@ def people(setup: Setup) -> Setup:
 def test_daemon_serves_metrics_on_loopback(people, engine_of):
     engine_of(people)
     port = free_port()
-    daemon = Daemon(people.write(extra=f"[schedule]\ninterval_minutes = 600\n"
-                                       f"[daemon]\nmetrics_port = {port}\n"))
+    daemon = Daemon(
+        people.write(extra=f"[schedule]\ninterval_minutes = 600\n[daemon]\nmetrics_port = {port}\n")
+    )
     try:
         succeeded = ("reconciler_runs_total", (("status", "succeeded"),))
 
@@ -56,13 +66,16 @@ def test_daemon_serves_metrics_on_loopback(people, engine_of):
                 return scrape(port).get(succeeded) == 1
             except httpx.TransportError:
                 return False
+
         wait_for("the first run in the metrics", first_run_counted, daemon)
         assert families(port) == METRICS
         samples = scrape(port)
-        assert samples[("reconciler_updates_total", (("kind", "contact"),
-                                                     ("outcome", "sent")))] == 3
-        assert samples[("reconciler_updates_total", (("kind", "customer"),
-                                                     ("outcome", "sent")))] == 0
+        assert (
+            samples[("reconciler_updates_total", (("kind", "contact"), ("outcome", "sent")))] == 3
+        )
+        assert (
+            samples[("reconciler_updates_total", (("kind", "customer"), ("outcome", "sent")))] == 0
+        )
         assert samples[("reconciler_pending_updates", (("kind", "contact"),))] == 0
         assert samples[("reconciler_snapshot_users", ())] == 3
         assert samples[("reconciler_last_success_timestamp_seconds", ())] > 0
@@ -86,7 +99,7 @@ def test_gauges_start_from_the_state_database(people, engine_of):
 
 
 def test_metrics_live_in_their_own_registry():
-    first, second = Metrics(), Metrics()           # no "Duplicated timeseries" error
+    first, second = Metrics(), Metrics()  # no "Duplicated timeseries" error
     assert first.registry is not second.registry
     assert REGISTRY.get_sample_value("reconciler_lock_skips_total") is None
 
@@ -108,8 +121,11 @@ def test_daemon_refuses_a_metrics_port_in_use(people, engine_of):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = Daemon(people.write(extra=f"[schedule]\ninterval_minutes = 600\n"
-                                           f"[daemon]\nmetrics_port = {port}\n"))
+        daemon = Daemon(
+            people.write(
+                extra=f"[schedule]\ninterval_minutes = 600\n[daemon]\nmetrics_port = {port}\n"
+            )
+        )
         try:
             status = daemon.proc.wait(60)
         finally:

@@ -41,29 +41,71 @@ def test_alembic_check_finds_no_drift_between_migrations_and_schema(state_url):
 def test_migrate_works_from_a_non_editable_install(tmp_path):
     """The wheel carries the migrations: `reconciler migrate` runs outside the source tree."""
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        check=True,
+    )
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--target", str(site), *map(str, wheels.glob("*.whl"))], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(site),
+            *map(str, wheels.glob("*.whl")),
+        ],
+        check=True,
+    )
     config = tmp_path / "reconciler.toml"
     config.write_text(f"""
 [database]
-url = "sqlite:///{tmp_path / 'state.db'}"
+url = "sqlite:///{tmp_path / "state.db"}"
 [source]
-url = "sqlite:///{tmp_path / 'source.db'}"
+url = "sqlite:///{tmp_path / "source.db"}"
 [destination]
 webhook_url = "https://hooks.example.com/x"
 """)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
-            "from reconciler.cli import main; main()")
-    done = subprocess.run([sys.executable, "-c", code, str(site), "migrate", "--config",
-                           str(config)], cwd=tmp_path, capture_output=True, text=True)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
+        "from reconciler.cli import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(site), "migrate", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    probe = subprocess.run([sys.executable, "-c", code.replace(
-        "from reconciler.cli import main; main()",
-        "import reconciler.state.db as d; print(d.migrations_dir())"), str(site)],
-        cwd=tmp_path, capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code.replace(
+                "from reconciler.cli import main; main()",
+                "import reconciler.state.db as d; print(d.migrations_dir())",
+            ),
+            str(site),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip().startswith(str(site))
     assert str(REPO) not in probe.stdout  # the wheel's copy, not the source tree's
     engine = state_engine(f"sqlite:///{tmp_path / 'state.db'}")

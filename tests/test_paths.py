@@ -13,8 +13,9 @@ from .helpers import cli
 from .receiver import Receiver
 
 
-def relative_setup(tmp_path: Path, receiver: Receiver, state: str = "sqlite:///state.db"
-                   ) -> tuple[Setup, Path]:
+def relative_setup(
+    tmp_path: Path, receiver: Receiver, state: str = "sqlite:///state.db"
+) -> tuple[Setup, Path]:
     """A config in `conf/` naming `conf/state.db` and `conf/warehouse.db` relatively."""
     conf = tmp_path / "conf"
     conf.mkdir()
@@ -58,11 +59,14 @@ def test_a_config_found_by_its_relative_path_is_read_from_there(tmp_path, receiv
 
 
 def test_relative_paths_in_the_environment_follow_the_working_directory(
-        tmp_path, receiver, elsewhere):
+    tmp_path, receiver, elsewhere
+):
     _setup, path = relative_setup(tmp_path, receiver)
     (elsewhere / "wh.db").write_bytes((tmp_path / "conf" / "warehouse.db").read_bytes())
-    env = {"RECONCILER_DATABASE_URL": "sqlite:///env-state.db",
-           "RECONCILER_SOURCE_URL": "sqlite:///wh.db"}
+    env = {
+        "RECONCILER_DATABASE_URL": "sqlite:///env-state.db",
+        "RECONCILER_SOURCE_URL": "sqlite:///wh.db",
+    }
     result = cli("sync", "--config", str(path), env=env)
     assert result.exit_code == 0, result.output
     assert (elsewhere / "env-state.db").exists()
@@ -79,7 +83,8 @@ def test_the_default_state_database_sits_next_to_the_config(tmp_path, receiver, 
 
 
 def test_a_relative_source_path_that_does_not_exist_names_the_absolute_path(
-        tmp_path, receiver, elsewhere):
+    tmp_path, receiver, elsewhere
+):
     _setup, path = relative_setup(tmp_path, receiver)
     path.write_text(path.read_text().replace("sqlite:///warehouse.db", "sqlite:///typo.db"))
     result = cli("sync", "--config", str(path))
@@ -94,11 +99,13 @@ def test_the_first_command_says_where_it_created_the_state_database(setup: Setup
     first = cli("history", "--config", str(path))
     assert first.exit_code == 0, first.output
     if setup.state_url.startswith("sqlite"):
-        assert first.stderr == (f"reconciler: created state database "
-                                f"{setup.tmp_path / 'state.db'}\n")
+        assert first.stderr == (
+            f"reconciler: created state database {setup.tmp_path / 'state.db'}\n"
+        )
     else:
-        assert first.stderr == ("reconciler: created the state database's tables in "
-                                f"{setup.state_url}\n")
+        assert first.stderr == (
+            f"reconciler: created the state database's tables in {setup.state_url}\n"
+        )
     for command in ("history", "sync", "migrate"):
         later = cli(command, "--config", str(path))
         assert later.exit_code == 0 and later.stderr == "", later.output

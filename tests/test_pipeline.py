@@ -50,8 +50,16 @@ def test_body_follows_send_contact_wire_format(people, engine_of):
     assert request.path == "/hook/s3cr3t-token"
     assert request.headers["Content-Type"] == "application/json"
     body = request.body
-    assert set(body) == {"type", "message_id", "timestamp", "sent_at", "user_id", "email",
-                         "first_name", "custom"}
+    assert set(body) == {
+        "type",
+        "message_id",
+        "timestamp",
+        "sent_at",
+        "user_id",
+        "email",
+        "first_name",
+        "custom",
+    }
     assert body["type"] == "Send Contact"
     assert body["custom"] == [{"key": HV, "value": True}, {"key": OC, "value": True}]
     for stamp in (body["timestamp"], body["sent_at"]):
@@ -67,13 +75,16 @@ def test_second_run_without_changes_sends_nothing(people, engine_of):
     assert (result.users_changed, result.sent, result.status) == (0, 0, "succeeded")
 
 
-@pytest.mark.parametrize("change, user, expected", [
-    (lambda w: w.members("High Value Users", "u2", "u4"), "u4", {HV: True}),
-    (lambda w: w.members("Order Completed Last 30 Days", "u1"), "u2", {OC: False}),
-    (lambda w: w.trait("Lifetime Value", {"u1": 150, "u3": 9.5}), "u1", {LTV: 150}),
-], ids=["enter", "exit", "trait-change"])
-def test_one_change_sends_exactly_one_body_for_that_user(people, engine_of, change, user,
-                                                         expected):
+@pytest.mark.parametrize(
+    "change, user, expected",
+    [
+        (lambda w: w.members("High Value Users", "u2", "u4"), "u4", {HV: True}),
+        (lambda w: w.members("Order Completed Last 30 Days", "u1"), "u2", {OC: False}),
+        (lambda w: w.trait("Lifetime Value", {"u1": 150, "u3": 9.5}), "u1", {LTV: 150}),
+    ],
+    ids=["enter", "exit", "trait-change"],
+)
+def test_one_change_sends_exactly_one_body_for_that_user(people, engine_of, change, user, expected):
     engine = engine_of(people)
     run(people, engine)
     people.receiver.clear()
@@ -130,21 +141,28 @@ def test_dry_run_sends_and_keeps_nothing(people, engine_of):
 def test_sync_runs_row_counts_what_happened(people, engine_of):
     engine = engine_of(people)
     run(people, engine)
-    people.warehouse.members("High Value Users", "u4")           # u2 exits, u4 enters
+    people.warehouse.members("High Value Users", "u4")  # u2 exits, u4 enters
     people.warehouse.trait("Lifetime Value", {"u1": 121, "u3": 9.5})
     result = run(people, engine)
     with engine.connect() as conn:
         row = conn.execute(select(sync_runs).where(sync_runs.c.id == result.run_id)).one()
     assert row.trigger == "manual" and row.status == "succeeded"
-    assert (row.users_seen, row.users_changed, row.entered, row.exited, row.traits_changed,
-            row.sent, row.failed, row.skipped) == (4, 3, 1, 1, 1, 3, 0, 0)
+    assert (
+        row.users_seen,
+        row.users_changed,
+        row.entered,
+        row.exited,
+        row.traits_changed,
+        row.sent,
+        row.failed,
+        row.skipped,
+    ) == (4, 3, 1, 1, 1, 3, 0, 0)
     assert row.finished_at >= row.started_at
 
 
-def test_without_custom_attributes_a_body_with_nothing_of_interest_is_skipped(
-        setup, engine_of):
+def test_without_custom_attributes_a_body_with_nothing_of_interest_is_skipped(setup, engine_of):
     setup.warehouse.user("u1", email="u1@example.com")
-    setup.warehouse.members("High Value Users", "u1", "u2")       # u2 has no profile row
+    setup.warehouse.members("High Value Users", "u1", "u2")  # u2 has no profile row
     engine = engine_of(setup)
     result = run(setup, engine, destination="custom_attributes = false")
     assert [b["user_id"] for b in setup.receiver.bodies()] == ["u1"]
@@ -153,8 +171,7 @@ def test_without_custom_attributes_a_body_with_nothing_of_interest_is_skipped(
     with engine.connect() as conn:
         skipped = conn.execute(select(updates).where(updates.c.user_id == "u2")).one()
         assert skipped.status == "skipped" and "5 keys or fewer" in skipped.note
-        assert conn.execute(select(acked.c.value).where(acked.c.user_id == "u2")).scalar() \
-            == "true"
+        assert conn.execute(select(acked.c.value).where(acked.c.user_id == "u2")).scalar() == "true"
     setup.receiver.clear()
     assert run(setup, engine, destination="custom_attributes = false").users_changed == 0
 
@@ -208,14 +225,17 @@ def test_pending_update_is_replaced_when_state_changes_in_between(people, engine
     assert body["user_id"] == "u3" and custom(body) == {LTV: 11}
 
 
-@pytest.mark.parametrize("reply, resent", [
-    (Reply(503), []),                       # turned away: ChartMogul still has the acked state
-    (Reply(429), []),
-    (Reply(500), [{HV: False}]),            # may have been applied: send the current value
-    (Reply(drop=True), [{HV: False}]),      # no answer: the same
-], ids=["503", "429", "500", "dropped"])
-def test_pending_update_superseded_by_the_acknowledged_state(people, engine_of, reply,
-                                                             resent):
+@pytest.mark.parametrize(
+    "reply, resent",
+    [
+        (Reply(503), []),  # turned away: ChartMogul still has the acked state
+        (Reply(429), []),
+        (Reply(500), [{HV: False}]),  # may have been applied: send the current value
+        (Reply(drop=True), [{HV: False}]),  # no answer: the same
+    ],
+    ids=["503", "429", "500", "dropped"],
+)
+def test_pending_update_superseded_by_the_acknowledged_state(people, engine_of, reply, resent):
     """Nothing is sent back, unless the superseded update may have reached ChartMogul."""
     engine = engine_of(people)
     run(people, engine)
@@ -233,8 +253,9 @@ def test_pending_update_superseded_by_the_acknowledged_state(people, engine_of, 
 
 def test_rejected_update_is_not_resent_until_state_changes(people, engine_of):
     engine = engine_of(people)
-    people.receiver.respond = lambda n, body: Reply(
-        400, "bad contact " + "x" * 600) if body["user_id"] == "u3" else Reply(200)
+    people.receiver.respond = lambda n, body: (
+        Reply(400, "bad contact " + "x" * 600) if body["user_id"] == "u3" else Reply(200)
+    )
     first = run(people, engine)
     assert (first.failed, first.status) == (1, "partial")
     with engine.connect() as conn:
@@ -254,11 +275,13 @@ def test_renamed_entry_retires_old_key_and_first_syncs_new_one(people, engine_of
     engine = engine_of(people)
     run(people, engine)
     people.receiver.clear()
-    people.warehouse.execute("UPDATE members SET audience = 'Big Spenders' "
-                             "WHERE audience = 'High Value Users'")
+    people.warehouse.execute(
+        "UPDATE members SET audience = 'Big Spenders' WHERE audience = 'High Value Users'"
+    )
     run(people, engine, audiences=("Order Completed Last 30 Days", "Big Spenders"))
     assert [(b["user_id"], custom(b)) for b in people.receiver.bodies()] == [
-        ("u2", {"big_spenders": True})]
+        ("u2", {"big_spenders": True})
+    ]
 
 
 def test_removed_audience_and_vanished_trait_send_nothing(people, engine_of):
@@ -274,10 +297,12 @@ def test_explicit_key_keeps_the_old_key_across_a_rename(people, engine_of):
     engine = engine_of(people)
     run(people, engine)
     people.receiver.clear()
-    text = people.config_text().replace('name = "High Value Users"',
-                                        'name = "VIPs"\nkey = "high_value_users"')
+    text = people.config_text().replace(
+        'name = "High Value Users"', 'name = "VIPs"\nkey = "high_value_users"'
+    )
     (people.tmp_path / "reconciler.toml").write_text(text)
     from reconciler.config import load_config
+
     sync(load_config(people.tmp_path / "reconciler.toml", env={}), engine)
     assert people.receiver.bodies() == []
 

@@ -50,8 +50,11 @@ def synced(setup: Setup, engine_of) -> Setup:
 def test_resync_sends_every_current_value_with_new_message_ids(synced):
     result = cli(synced, "resync")
     assert result.exit_code == 0, result.output
-    assert sent(synced) == {"u1": {OC: True, LTV: 120}, "u2": {OC: True, HV: True},
-                            "u3": {LTV: 9.5}}
+    assert sent(synced) == {
+        "u1": {OC: True, LTV: 120},
+        "u2": {OC: True, HV: True},
+        "u3": {LTV: 9.5},
+    }
     assert not message_ids(synced) & synced.first_ids
 
 
@@ -86,10 +89,10 @@ def test_resync_is_recorded_with_trigger_full_resync_and_its_key(synced, engine_
     cli(synced, "resync", "--audience", HV)
     cli(synced, "resync")
     with engine_of(synced).connect() as conn:
-        runs = conn.execute(select(sync_runs.c.trigger, sync_runs.c.resync_key)
-                            .order_by(sync_runs.c.id)).all()
-    assert [tuple(r) for r in runs] == [("manual", None), ("full_resync", HV),
-                                        ("full_resync", "*")]
+        runs = conn.execute(
+            select(sync_runs.c.trigger, sync_runs.c.resync_key).order_by(sync_runs.c.id)
+        ).all()
+    assert [tuple(r) for r in runs] == [("manual", None), ("full_resync", HV), ("full_resync", "*")]
 
 
 def test_two_resyncs_use_different_message_ids(synced):
@@ -110,8 +113,13 @@ def test_resync_resends_an_update_that_was_rejected(synced, engine_of):
     assert cli(synced, "resync", "--audience", LTV).exit_code == 0
     assert sent(synced) == {"u1": {LTV: 120}, "u3": {LTV: 10}}
     with engine_of(synced).connect() as conn:
-        statuses = conn.execute(select(updates.c.status).where(updates.c.user_id == "u3")
-                                .order_by(updates.c.id)).scalars().all()
+        statuses = (
+            conn.execute(
+                select(updates.c.status).where(updates.c.user_id == "u3").order_by(updates.c.id)
+            )
+            .scalars()
+            .all()
+        )
     assert statuses == ["sent", "superseded", "sent"]
 
 
@@ -125,8 +133,10 @@ def test_unacknowledged_resync_update_is_resent_by_the_next_sync_with_its_id(syn
     synced.receiver.clear()
     assert cli(synced, "sync").exit_code == 0
     (again,) = synced.receiver.bodies()
-    assert (again["message_id"], again["timestamp"]) == (earlier["message_id"],
-                                                         earlier["timestamp"])
+    assert (again["message_id"], again["timestamp"]) == (
+        earlier["message_id"],
+        earlier["timestamp"],
+    )
 
 
 def test_resync_of_an_unknown_key_exits_2_listing_the_known_keys(synced, engine_of):

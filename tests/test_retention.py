@@ -39,8 +39,11 @@ def prune_all_before(engine: Engine, cutoff: datetime):
 
 def age(engine: Engine, run_id: int, days: int) -> None:
     with engine.begin() as conn:
-        conn.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(
-            started_at=datetime.now(UTC) - timedelta(days=days)))
+        conn.execute(
+            update(sync_runs)
+            .where(sync_runs.c.id == run_id)
+            .values(started_at=datetime.now(UTC) - timedelta(days=days))
+        )
 
 
 def refuse(user: str, status: int):
@@ -57,16 +60,16 @@ def people(setup: Setup) -> Setup:
 
 def test_prune_keeps_live_updates_and_acknowledged_state(people, engine_of):
     engine, w, receiver = engine_of(people), people.warehouse, people.receiver
-    run(people, engine)                                             # run 1: all sent
+    run(people, engine)  # run 1: all sent
     w.trait("Lifetime Value", {"u1": 120, "u3": 10})
     receiver.respond = refuse("u3", 400)
-    run(people, engine)                                             # run 2: u3 rejected
+    run(people, engine)  # run 2: u3 rejected
     w.members("High Value Users", "u1", "u2", "u4")
     receiver.respond = refuse("u4", 503)
-    run(people, engine, destination="max_attempts = 1")             # run 3: u4 pending
-    run(people, engine, destination="max_attempts = 1")             # run 4: still pending
+    run(people, engine, destination="max_attempts = 1")  # run 3: u4 pending
+    run(people, engine, destination="max_attempts = 1")  # run 4: still pending
     w.trait("Lifetime Value", {"u1": 130, "u3": 10})
-    run(people, engine, destination="max_attempts = 1")             # run 5: u1 sent
+    run(people, engine, destination="max_attempts = 1")  # run 5: u1 sent
     pending_id = next(b["message_id"] for b in receiver.bodies() if b["user_id"] == "u4")
     state_before = rows(engine, acked), rows(engine, ack_versions)
 
@@ -74,7 +77,10 @@ def test_prune_keeps_live_updates_and_acknowledged_state(people, engine_of):
 
     assert [r[0] for r in rows(engine, sync_runs, sync_runs.c.id)] == [2, 3, 5]
     assert rows(engine, updates, updates.c.user_id, updates.c.status) == [
-        ("u1", "sent"), ("u3", "rejected"), ("u4", "pending")]
+        ("u1", "sent"),
+        ("u3", "rejected"),
+        ("u4", "pending"),
+    ]
     assert {r[0] for r in rows(engine, changes, changes.c.user_id)} == {"u1", "u3", "u4"}
     assert {r[0] for r in rows(engine, deliveries, deliveries.c.run_id)} == {5}
     assert (rows(engine, acked), rows(engine, ack_versions)) == state_before
@@ -83,27 +89,34 @@ def test_prune_keeps_live_updates_and_acknowledged_state(people, engine_of):
     receiver.respond = lambda _n, _body: Reply(200)
     receiver.clear()
     run(people, engine)
-    (body,) = receiver.bodies()              # the pending one, same id; the rejected one not
+    (body,) = receiver.bodies()  # the pending one, same id; the rejected one not
     assert (body["user_id"], body["message_id"]) == ("u4", pending_id)
 
 
 def test_update_settled_after_the_cutoff_stays_with_its_run(people, engine_of):
     engine, receiver = engine_of(people), people.receiver
     receiver.respond = refuse("u3", 503)
-    run(people, engine, destination="max_attempts = 1")             # run 1: u3 pending
+    run(people, engine, destination="max_attempts = 1")  # run 1: u3 pending
     receiver.respond = lambda _n, _body: Reply(200)
     people.warehouse.members("High Value Users", "u1")
-    second = run(people, engine)                                    # run 2: u3 sent, u2 exits
+    second = run(people, engine)  # run 2: u3 sent, u2 exits
     with engine.connect() as conn:
-        cutoff = conn.execute(select(sync_runs.c.started_at)
-                              .where(sync_runs.c.id == second.run_id)).scalar_one()
+        cutoff = conn.execute(
+            select(sync_runs.c.started_at).where(sync_runs.c.id == second.run_id)
+        ).scalar_one()
     prune_all_before(engine, cutoff)
     assert [r[0] for r in rows(engine, sync_runs, sync_runs.c.id)] == [1, 2]
     assert rows(engine, updates, updates.c.user_id, updates.c.run_id) == [("u2", 2), ("u3", 1)]
     with engine.connect() as conn:
-        attempts = conn.execute(select(deliveries.c.run_id).join(
-            updates, updates.c.id == deliveries.c.update_id).where(updates.c.user_id == "u3")
-        ).scalars().all()
+        attempts = (
+            conn.execute(
+                select(deliveries.c.run_id)
+                .join(updates, updates.c.id == deliveries.c.update_id)
+                .where(updates.c.user_id == "u3")
+            )
+            .scalars()
+            .all()
+        )
     assert attempts == [2]
 
 
@@ -157,8 +170,9 @@ def test_prune_command_reports_what_it_deleted(people, engine_of):
     people.warehouse.trait("Lifetime Value", {"u1": 1, "u3": 9.5})
     run(people, engine)
     age(engine, 1, days=3)
-    result = CliRunner().invoke(main, ["prune", "--keep-days", "2", "--json",
-                                       "--config", str(path)])
+    result = CliRunner().invoke(
+        main, ["prune", "--keep-days", "2", "--json", "--config", str(path)]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {"keep_days", "cutoff", "runs", "updates", "changes", "deliveries"}

@@ -60,23 +60,36 @@ class FakeClock:
 
 
 def destination(url: str, **overrides: Any) -> Destination:
-    values: dict[str, Any] = {"webhook_url": Secret(url), "requests_per_second": 0,
-                              "max_concurrency": 1, "timeout_seconds": 5, "max_attempts": 4,
-                              "retry_budget_seconds": 300}
+    values: dict[str, Any] = {
+        "webhook_url": Secret(url),
+        "requests_per_second": 0,
+        "max_concurrency": 1,
+        "timeout_seconds": 5,
+        "max_attempts": 4,
+        "retry_budget_seconds": 300,
+    }
     return Destination(**{**values, **overrides})
 
 
 def job(n: int = 1) -> Job:
-    body = (f'{{"type":"Send Contact","message_id":"m{n}","timestamp":'
-            f'"2024-01-01T00:00:00.000Z","user_id":"u{n}"}}')
+    body = (
+        f'{{"type":"Send Contact","message_id":"m{n}","timestamp":'
+        f'"2024-01-01T00:00:00.000Z","user_id":"u{n}"}}'
+    )
     return Job(n, f"m{n}", body)
 
 
-def deliver(url: str, jobs: list[Job], fake: FakeClock | None = None,
-            **overrides: Any) -> list[Delivery]:
+def deliver(
+    url: str, jobs: list[Job], fake: FakeClock | None = None, **overrides: Any
+) -> list[Delivery]:
     fake = fake or FakeClock()
-    with Sender(destination(url, **overrides), stops=(fake.stop,), backoff_initial=1.0,
-                clock=fake.clock, sleep=fake.sleep) as sender:
+    with Sender(
+        destination(url, **overrides),
+        stops=(fake.stop,),
+        backoff_initial=1.0,
+        clock=fake.clock,
+        sleep=fake.sleep,
+    ) as sender:
         return list(sender.deliver(jobs))
 
 
@@ -94,13 +107,16 @@ def script(*replies: Reply) -> Callable[[int, dict[str, Any]], Reply]:
 
 # --- Retry policy -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("status", [408, 423, 429, 500, 502, 503, 504, 599])
 def test_retryable_status_is_retried_until_acknowledged(receiver, status):
     receiver.respond = script(Reply(status, "busy"))
     (delivery,) = deliver(receiver.url, [job()])
     assert delivery.result == "acknowledged"
     assert [(a.status_code, a.outcome) for a in delivery.attempts] == [
-        (status, "retry"), (200, "acknowledged")]
+        (status, "retry"),
+        (200, "acknowledged"),
+    ]
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422, 501])
@@ -142,6 +158,7 @@ def test_every_attempt_resends_the_same_body_with_its_own_sent_at(receiver):
 
 # --- Redirects and headers (SPEC §5) ---------------------------------------------------
 
+
 def header(request: Any, name: str) -> str | None:
     return {k.lower(): v for k, v in request.headers.items()}.get(name.lower())
 
@@ -168,8 +185,9 @@ def test_307_and_308_are_followed_with_the_same_method_and_body(receiver, status
 
 @pytest.mark.parametrize("redirects, result", [(3, "acknowledged"), (4, "rejected")])
 def test_at_most_three_redirects_are_followed(receiver, redirects, result):
-    receiver.respond = script(*[Reply(308, headers={"Location": f"/hop{n}"})
-                                for n in range(1, redirects + 1)])
+    receiver.respond = script(
+        *[Reply(308, headers={"Location": f"/hop{n}"}) for n in range(1, redirects + 1)]
+    )
     (delivery,) = deliver(receiver.url, [job()])
     assert delivery.result == result
     # Three hops then the final answer; or three hops and a fourth redirect, refused.
@@ -177,30 +195,38 @@ def test_at_most_three_redirects_are_followed(receiver, redirects, result):
     if result == "rejected":
         host = receiver.url.split("/hook")[0]
         assert error(delivery).startswith(
-            f"redirect (308) to {host}/***: not followed (more than 3 redirects)")
+            f"redirect (308) to {host}/***: not followed (more than 3 redirects)"
+        )
 
 
 @pytest.mark.parametrize("status", [300, 301, 302, 303])
 def test_other_redirects_are_rejected_naming_status_and_masked_location(receiver, status):
     host = receiver.url.split("/hook")[0]
-    receiver.respond = script(Reply(status, "moved",
-                                    headers={"Location": f"{host}/new/t0ken-s3cret"}))
+    receiver.respond = script(
+        Reply(status, "moved", headers={"Location": f"{host}/new/t0ken-s3cret"})
+    )
     (delivery,) = deliver(receiver.url, [job()])
     assert delivery.result == "rejected" and len(receiver.requests) == 1
     (attempt,) = delivery.attempts
     assert (attempt.status_code, attempt.outcome, attempt.maybe_delivered) == (
-        status, "rejected", False)
-    assert attempt.error == (f"redirect ({status}) to {host}/***: not followed (only 307 "
-                             "and 308 are); response: moved")
+        status,
+        "rejected",
+        False,
+    )
+    assert attempt.error == (
+        f"redirect ({status}) to {host}/***: not followed (only 307 and 308 are); response: moved"
+    )
 
 
 def test_a_redirect_to_plain_http_off_this_machine_is_not_followed(receiver):
     receiver.respond = script(Reply(307, headers={"Location": "http://hooks.example.com/t"}))
     (delivery,) = deliver(receiver.url, [job()])
     assert delivery.result == "rejected" and len(receiver.requests) == 1
-    assert error(delivery).startswith("redirect (307) to http://hooks.example.com/***: "
-                                      "not followed (only to https, or to http on a "
-                                      "loopback host)")
+    assert error(delivery).startswith(
+        "redirect (307) to http://hooks.example.com/***: "
+        "not followed (only to https, or to http on a "
+        "loopback host)"
+    )
 
 
 def test_a_redirect_to_localhost_by_name_is_followed(receiver):
@@ -213,8 +239,11 @@ def test_a_redirect_to_localhost_by_name_is_followed(receiver):
 
 def test_each_attempt_starts_again_at_the_webhook_url(receiver):
     """A redirect followed by a retryable answer: the retry goes to the configured URL."""
-    receiver.respond = script(Reply(307, headers={"Location": "/moved"}), Reply(503, "busy"),
-                              Reply(307, headers={"Location": "/moved"}))
+    receiver.respond = script(
+        Reply(307, headers={"Location": "/moved"}),
+        Reply(503, "busy"),
+        Reply(307, headers={"Location": "/moved"}),
+    )
     (delivery,) = deliver(receiver.url, [job()])
     assert delivery.result == "acknowledged"
     assert [r.path for r in receiver.requests] == ["/hook/s3cr3t-token", "/moved"] * 2
@@ -222,7 +251,8 @@ def test_each_attempt_starts_again_at_the_webhook_url(receiver):
     host = receiver.url.split("/hook")[0]
     assert (first.status_code, first.redirects, first.decision) == (503, 1, "retry")
     assert first.error is not None and first.error.endswith(
-        f"response: busy; after 1 redirect, the last to {host}/***")
+        f"response: busy; after 1 redirect, the last to {host}/***"
+    )
     assert (second.status_code, second.redirects) == (200, 1)
 
 
@@ -240,15 +270,20 @@ def test_a_stop_before_a_redirect_hop_leaves_the_update_pending(receiver):
     def redirect_and_stop(_n: int, _body: dict[str, Any]) -> Reply:
         fake.stop.set()
         return Reply(307, headers={"Location": "/moved"})
+
     receiver.respond = redirect_and_stop
     (delivery,) = deliver(receiver.url, [job()], fake)
     assert delivery.result == "pending" and len(receiver.requests) == 1
     (attempt,) = delivery.attempts
     assert (attempt.status_code, attempt.decision, attempt.maybe_delivered) == (
-        307, "stopping", False)
+        307,
+        "stopping",
+        False,
+    )
 
 
 # --- Transport errors ---------------------------------------------------------------
+
 
 class RawServer:
     """A TCP server on 127.0.0.1 that misbehaves on cue: one action per connection.
@@ -271,28 +306,33 @@ class RawServer:
                         return
                     data += chunk
                 head, _, body = data.partition(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
                 while len(body) < length:
                     body += self.request.recv(65536)
-                action = (server.actions[server.seen] if server.seen < len(server.actions)
-                          else "ok")
+                action = server.actions[server.seen] if server.seen < len(server.actions) else "ok"
                 server.seen += 1
                 if action == "garbage":
                     self.request.sendall(b"NOT HTTP AT ALL\r\n\r\n")
                 elif action == "reset":
-                    self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                            b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.request.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
                 elif action == "cut":
                     self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nok")
                 else:
-                    self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
-                                         b"Connection: close\r\n\r\nok")
+                    self.request.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
 
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -311,13 +351,17 @@ def raw_server() -> Iterator[Callable[[list[str]], RawServer]]:
     def make(actions: list[str]) -> RawServer:
         servers.append(RawServer(actions))
         return servers[-1]
+
     yield make
     for server in servers:
         server.close()
 
 
-@pytest.mark.parametrize("action", ["garbage", "reset", "cut"],
-                         ids=["protocol-error", "connection-reset", "dropped-mid-response"])
+@pytest.mark.parametrize(
+    "action",
+    ["garbage", "reset", "cut"],
+    ids=["protocol-error", "connection-reset", "dropped-mid-response"],
+)
 def test_transport_error_is_retried_and_recorded_without_status(raw_server, action):
     server = raw_server([action])
     (delivery,) = deliver(server.url, [job()])
@@ -344,6 +388,7 @@ def test_answer_slower_than_the_timeout_is_retried(receiver):
             return Reply(hold=retried)
         retried.set()
         return Reply()
+
     receiver.respond = respond
     (delivery,) = deliver(receiver.url, [job()], timeout_seconds=0.5, max_attempts=10)
     *timed_out, last = delivery.attempts
@@ -366,10 +411,21 @@ def test_refused_connection_is_retried_then_left_pending():
 
 # --- Retry-After and the retry budget ---------------------------------------------------
 
-@pytest.mark.parametrize("value, expected", [
-    ("7", 7.0), (" 2.5 ", 2.5), ("0", 0.0), ("86400", 300.0),
-    ("-5", None), ("nan", None), ("soon", None), ("", None), (None, None),
-])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("7", 7.0),
+        (" 2.5 ", 2.5),
+        ("0", 0.0),
+        ("86400", 300.0),
+        ("-5", None),
+        ("nan", None),
+        ("soon", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_retry_after_seconds_form(value, expected):
     assert retry_after_seconds(value) == expected
 
@@ -388,7 +444,11 @@ def test_retry_after_seconds_is_honoured_and_recorded(receiver):
     assert fake.sleeps[-1] == 7.0
     first = delivery.attempts[0]
     assert (first.decision, first.retry_in, first.retry_after, first.maybe_delivered) == (
-        "retry", 7.0, "7", False)
+        "retry",
+        7.0,
+        "7",
+        False,
+    )
     assert error(delivery) == "retry in 7.00 s; Retry-After: 7; response: ok"
 
 
@@ -415,7 +475,8 @@ def test_retry_after_beyond_the_retry_budget_leaves_the_update_pending(receiver)
     (attempt,) = delivery.attempts
     assert (attempt.decision, attempt.retry_in, attempt.budget_left) == ("budget", 120, 60)
     assert error(delivery).startswith(
-        "not retried: a 120.00 s wait exceeds the run's retry budget (60.00 s left)")
+        "not retried: a 120.00 s wait exceeds the run's retry budget (60.00 s left)"
+    )
 
 
 def test_retry_budget_is_shared_by_every_update_of_the_run(receiver):
@@ -428,8 +489,9 @@ def test_429_pauses_every_sender_for_its_retry_after(receiver):
     receiver.respond = script(Reply(429, headers={"Retry-After": "5"}))
     fake = FakeClock()
     paused: list[float] = []
-    with Sender(destination(receiver.url), stops=(fake.stop,), clock=fake.clock,
-                sleep=fake.sleep) as sender:
+    with Sender(
+        destination(receiver.url), stops=(fake.stop,), clock=fake.clock, sleep=fake.sleep
+    ) as sender:
         fake.during_sleep = lambda: paused.append(sender.pacer.paused_until)
         start = fake.clock()
         list(sender.deliver([job()]))
@@ -439,8 +501,9 @@ def test_429_pauses_every_sender_for_its_retry_after(receiver):
 def test_429_without_retry_after_pauses_for_the_backoff_wait(receiver):
     receiver.respond = script(Reply(429))
     fake = FakeClock()
-    with Sender(destination(receiver.url), stops=(fake.stop,), clock=fake.clock,
-                sleep=fake.sleep) as sender:
+    with Sender(
+        destination(receiver.url), stops=(fake.stop,), clock=fake.clock, sleep=fake.sleep
+    ) as sender:
         start = fake.clock()
         list(sender.deliver([job()]))
         assert sender.pacer.paused_until == start + fake.sleeps[0]
@@ -449,13 +512,15 @@ def test_429_without_retry_after_pauses_for_the_backoff_wait(receiver):
 def test_503_without_retry_after_does_not_pause_others(receiver):
     receiver.respond = script(Reply(503))
     fake = FakeClock()
-    with Sender(destination(receiver.url), stops=(fake.stop,), clock=fake.clock,
-                sleep=fake.sleep) as sender:
+    with Sender(
+        destination(receiver.url), stops=(fake.stop,), clock=fake.clock, sleep=fake.sleep
+    ) as sender:
         list(sender.deliver([job()]))
         assert sender.pacer.paused_until == float("-inf")
 
 
 # --- Stopping ------------------------------------------------------------------------
+
 
 def wait_until(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
     """Poll `condition` until it holds; fail naming `what` after `limit` seconds."""
@@ -478,11 +543,14 @@ def test_stop_interrupts_a_retry_wait_and_leaves_the_update_pending(receiver):
         with Sender(destination(receiver.url), stops=(stop, lost)) as sender:
             senders.append(sender)
             results.extend(sender.deliver([job()]))
+
     worker = threading.Thread(target=run)
     worker.start()
     # The pause is set just before the 300 s wait begins.
-    wait_until(lambda: bool(senders) and senders[0].pacer.paused_until > float("-inf"),
-               "the 503 to start a retry wait")
+    wait_until(
+        lambda: bool(senders) and senders[0].pacer.paused_until > float("-inf"),
+        "the 503 to start a retry wait",
+    )
     lost.set()  # the second event: the run's lock was lost
     worker.join(timeout=60)
     assert not worker.is_alive()
@@ -499,17 +567,20 @@ def test_abandoned_delivery_interrupts_waits_and_starts_nothing_new(receiver):
     then does the caller close the iteration. Nothing depends on thread timing: the
     caller waits for the wait to begin, and one sender thread keeps the order fixed.
     """
-    receiver.respond = lambda n, b: Reply(503, headers={"Retry-After": "300"}) \
-        if b["user_id"] == "u2" else Reply()
+    receiver.respond = lambda n, b: (
+        Reply(503, headers={"Retry-After": "300"}) if b["user_id"] == "u2" else Reply()
+    )
     first: list[Delivery] = []
 
     def run() -> None:
         with Sender(destination(receiver.url, max_concurrency=1)) as sender:
             results = sender.deliver([job(n) for n in range(1, 7)])
             first.append(next(results))
-            wait_until(lambda: sender.pacer.paused_until > float("-inf"),
-                       "u2's 503 to start a retry wait")
+            wait_until(
+                lambda: sender.pacer.paused_until > float("-inf"), "u2's 503 to start a retry wait"
+            )
             results.close()  # type: ignore[attr-defined]  # a generator
+
     worker = threading.Thread(target=run)
     worker.start()
     worker.join(timeout=60)
@@ -524,6 +595,7 @@ def test_no_request_starts_after_a_stop(receiver):
     def stop_after_answering(_n: int, _body: dict[str, Any]) -> Reply:
         fake.stop.set()
         return Reply()
+
     receiver.respond = stop_after_answering
     results = deliver(receiver.url, [job(n) for n in range(1, 6)], fake)
     assert len(receiver.requests) == 1
@@ -548,6 +620,7 @@ def test_at_most_max_concurrency_requests_are_in_flight(receiver):
 
 
 # --- Pacer (fake clock) ----------------------------------------------------------------
+
 
 def admissions(pacer: Pacer, fake: FakeClock, count: int) -> list[float]:
     times = []
@@ -588,6 +661,7 @@ def test_late_wake_ups_neither_lower_the_rate_nor_break_the_window(rate):
 
     def late_sleep(seconds: float) -> bool:
         return sleep(seconds + next(overshoot))
+
     pacer = Pacer(rate, late_sleep, fake.clock)
     times = admissions(pacer, fake, 5 * rate + 1)
     assert max_in_one_second(times) <= rate
@@ -602,6 +676,7 @@ def test_a_stall_is_caught_up_without_breaking_the_window(rate):
 
     def one_late_sleep(seconds: float) -> bool:
         return sleep(seconds + (0.015 if next(calls) == rate else 0.0))
+
     pacer = Pacer(rate, one_late_sleep, fake.clock)
     times = admissions(pacer, fake, 4 * rate + 1)
     assert max_in_one_second(times) <= rate
@@ -617,6 +692,7 @@ def test_the_window_holds_even_when_a_late_first_admission_is_caught_up():
 
     def late_sleep(seconds: float) -> bool:
         return sleep(seconds + next(late, 0.0))
+
     pacer = Pacer(40, late_sleep, fake.clock)
     times = admissions(pacer, fake, 200)
     assert max_in_one_second(times) <= 40
@@ -633,6 +709,7 @@ def test_concurrent_callers_share_one_pace():
     def clock() -> float:
         seen.now = fake.clock()
         return float(seen.now)
+
     pacer = Pacer(20, fake.sleep, clock)
     times: list[float] = []
     lock = threading.Lock()
@@ -642,6 +719,7 @@ def test_concurrent_callers_share_one_pace():
             assert pacer.wait()
             with lock:
                 times.append(seen.now)
+
     threads = [threading.Thread(target=caller) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -675,6 +753,7 @@ def test_pause_during_a_wait_extends_it_and_a_shorter_pause_does_not_shorten_it(
         fake.during_sleep = None
         pacer.pause(10)
         pacer.pause(1)
+
     fake.during_sleep = two_pauses_once
     assert pacer.wait()  # woken at its slot, it finds the pause and waits on
     assert fake.clock() == pytest.approx(1000 + SPACING + 10)
@@ -701,6 +780,7 @@ def test_stop_during_a_pacing_wait_refuses_admission():
 
 # --- Recording (both state backends) -------------------------------------------------
 
+
 def run(setup: Setup, engine: Any, **config: Any) -> Any:
     return sync(setup.config(**config), engine, seams=Seams(backoff_initial=0.01))
 
@@ -713,9 +793,14 @@ def three(setup: Setup) -> Setup:
 
 def attempts_of(engine: Any, user: str) -> list[Any]:
     with engine.connect() as conn:
-        return list(conn.execute(
-            select(deliveries).join(updates, updates.c.id == deliveries.c.update_id)
-            .where(updates.c.user_id == user).order_by(deliveries.c.id)))
+        return list(
+            conn.execute(
+                select(deliveries)
+                .join(updates, updates.c.id == deliveries.c.update_id)
+                .where(updates.c.user_id == user)
+                .order_by(deliveries.c.id)
+            )
+        )
 
 
 def test_each_attempt_is_recorded_with_status_latency_and_error(three, engine_of):
@@ -742,8 +827,13 @@ def test_transport_error_is_recorded_without_a_status(three, engine_of):
 
 def test_run_is_partial_and_counts_failures_when_updates_remain_pending(three, engine_of):
     engine = engine_of(three)
-    three.receiver.respond = lambda n, b: Reply(503) if b["user_id"] == "u3" else Reply(
-        422, "invalid") if b["user_id"] == "u2" else Reply()
+    three.receiver.respond = lambda n, b: (
+        Reply(503)
+        if b["user_id"] == "u3"
+        else Reply(422, "invalid")
+        if b["user_id"] == "u2"
+        else Reply()
+    )
     result = run(three, engine, destination="max_attempts = 2")
     assert (result.status, result.sent, result.failed, result.pending) == ("partial", 1, 2, 1)
     assert result.exit_status == 1
@@ -771,8 +861,9 @@ def test_update_past_the_retry_budget_stays_pending_and_goes_next_run(three, eng
 def test_pending_updates_are_sent_first_by_the_next_run(three, engine_of):
     engine = engine_of(three)
     one_at_a_time = load_config(three.write(destination="max_attempts = 1"), env={})
-    one_at_a_time = replace(one_at_a_time, destination=replace(one_at_a_time.destination,
-                                                               max_concurrency=1))
+    one_at_a_time = replace(
+        one_at_a_time, destination=replace(one_at_a_time.destination, max_concurrency=1)
+    )
     three.receiver.respond = lambda n, b: Reply(503) if b["user_id"] == "u3" else Reply()
     sync(one_at_a_time, engine, seams=Seams(backoff_initial=0.01))
     earlier = [b for b in three.receiver.bodies() if b["user_id"] == "u3"]
@@ -786,9 +877,11 @@ def test_pending_updates_are_sent_first_by_the_next_run(three, engine_of):
     assert bodies[0]["timestamp"] == earlier[0]["timestamp"]
 
 
-@pytest.mark.parametrize("reply, exit_status", [(Reply(), 0), (Reply(503), 1),
-                                                (Reply(400), 1)],
-                         ids=["acknowledged", "pending", "rejected"])
+@pytest.mark.parametrize(
+    "reply, exit_status",
+    [(Reply(), 0), (Reply(503), 1), (Reply(400), 1)],
+    ids=["acknowledged", "pending", "rejected"],
+)
 def test_sync_command_exit_status(three, engine_of, reply, exit_status):
     engine_of(three)
     three.receiver.respond = lambda n, b: reply
@@ -806,4 +899,5 @@ def _first_for(user: str, reply: Reply) -> Callable[[int, dict[str, Any]], Reply
             seen.add(user)
             return reply
         return Reply()
+
     return respond

@@ -62,8 +62,10 @@ class PgSource:
         self.url = self.dsn.replace("postgresql://", "postgresql+psycopg://")
         self.execute("CREATE TABLE members (audience text, user_id text)")
         self.execute("CREATE TABLE traits (trait text, user_id text, value numeric)")
-        self.execute("CREATE TABLE users (user_id text, email text, first_name text, "
-                     "last_name text, company_id text, company_name text, anonymous_id text)")
+        self.execute(
+            "CREATE TABLE users (user_id text, email text, first_name text, "
+            "last_name text, company_id text, company_name text, anonymous_id text)"
+        )
 
     def execute(self, sql: str, *params: Any) -> None:
         with psycopg.connect(self.dsn) as conn:
@@ -88,16 +90,23 @@ def pg_source(pg_admin: str) -> Iterator[PgSource]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def write_config(setup: Setup, source_url: str, first_query: str | None = None,
-                 audiences: tuple[str, ...] = (FIRST, SECOND), profile: str | None = None,
-                 ) -> Path:
+def write_config(
+    setup: Setup,
+    source_url: str,
+    first_query: str | None = None,
+    audiences: tuple[str, ...] = (FIRST, SECOND),
+    profile: str | None = None,
+) -> Path:
     text = setup.config_text(audiences=audiences).replace(setup.warehouse.url, source_url)
     if first_query is not None:
-        text = text.replace(f"SELECT user_id FROM members WHERE audience = '{FIRST}'",
-                            first_query)
+        text = text.replace(f"SELECT user_id FROM members WHERE audience = '{FIRST}'", first_query)
     if profile is not None:
-        text = re.sub(r"query = '''SELECT user_id, email.*?'''", f"query = '''{profile}'''",
-                      text, flags=re.DOTALL)
+        text = re.sub(
+            r"query = '''SELECT user_id, email.*?'''",
+            f"query = '''{profile}'''",
+            text,
+            flags=re.DOTALL,
+        )
     path = setup.tmp_path / "reconciler.toml"
     path.write_text(text)
     return path
@@ -106,40 +115,57 @@ def write_config(setup: Setup, source_url: str, first_query: str | None = None,
 def fill(source: Any) -> None:
     """u1 in the first audience, u2 in the second, u1's and u2's profiles."""
     source.execute("INSERT INTO members VALUES (%s, 'u1'), (%s, 'u2')", FIRST, SECOND)
-    source.execute("INSERT INTO users (user_id, email) VALUES ('u1', 'old@example.com'), "
-                   "('u2', 'u2@example.com'), ('u3', 'u3@example.com')")
+    source.execute(
+        "INSERT INTO users (user_id, email) VALUES ('u1', 'old@example.com'), "
+        "('u2', 'u2@example.com'), ('u3', 'u3@example.com')"
+    )
 
 
 def advisory_waiters(source: PgSource) -> int:
-    return int(source.scalar(
-        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-        "AND objid = %s AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
-        LOCK_KEY, source.name))
+    return int(
+        source.scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND objid = %s AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
+            LOCK_KEY,
+            source.name,
+        )
+    )
 
 
 @pytest.mark.parametrize("command", ["sync", "sync --dry-run"])
 def test_a_commit_made_while_a_postgresql_run_reads_is_not_seen_by_it(
-        setup: Setup, pg_source: PgSource, command: str) -> None:
+    setup: Setup, pg_source: PgSource, command: str
+) -> None:
     """The write lands after the snapshot, during the first query: neither the second
     audience, the trait nor the profile query of that run sees it; the next run sends it."""
     fill(pg_source)
-    config = write_config(setup, pg_source.url, first_query=(
-        "SELECT user_id FROM members CROSS JOIN (SELECT pg_advisory_lock_shared("
-        f"{LOCK_KEY})) AS l WHERE audience = '{FIRST}'"))
+    config = write_config(
+        setup,
+        pg_source.url,
+        first_query=(
+            "SELECT user_id FROM members CROSS JOIN (SELECT pg_advisory_lock_shared("
+            f"{LOCK_KEY})) AS l WHERE audience = '{FIRST}'"
+        ),
+    )
     with psycopg.connect(pg_source.dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-        proc = subprocess.Popen([RECONCILER, *command.split(), "--json", "--config",
-                                 str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=clean_env(), text=True)
+        proc = subprocess.Popen(
+            [RECONCILER, *command.split(), "--json", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            text=True,
+        )
         try:
-            wait_for("the run to wait on the advisory lock",
-                     lambda: proc.poll() is not None or advisory_waiters(pg_source))
+            wait_for(
+                "the run to wait on the advisory lock",
+                lambda: proc.poll() is not None or advisory_waiters(pg_source),
+            )
             assert proc.poll() is None, proc.communicate()
             with psycopg.connect(pg_source.dsn) as writer:
                 writer.execute("INSERT INTO members VALUES (%s, 'u3')", (SECOND,))
                 writer.execute("INSERT INTO traits VALUES ('Lifetime Value', 'u3', 50)")
-                writer.execute("UPDATE users SET email = 'new@example.com' "
-                               "WHERE user_id = 'u1'")
+                writer.execute("UPDATE users SET email = 'new@example.com' WHERE user_id = 'u1'")
                 writer_xid = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
             holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
             out, err = proc.communicate(timeout=PATIENCE)
@@ -152,50 +178,69 @@ def test_a_commit_made_while_a_postgresql_run_reads_is_not_seen_by_it(
         report = json.loads(out)
         assert (report["users_seen"], report["entered"], report["traits_changed"]) == (2, 2, 0)
         assert {b["body"]["user_id"]: b["body"].get("email") for b in report["sample"]} == {
-            "u1": "old@example.com", "u2": "u2@example.com"}
+            "u1": "old@example.com",
+            "u2": "u2@example.com",
+        }
         assert runs(setup) == []
         return
     assert {u: b.get("email") for u, b in sent_users(setup).items()} == {
-        "u1": "old@example.com", "u2": "u2@example.com"}
+        "u1": "old@example.com",
+        "u2": "u2@example.com",
+    }
     setup.receiver.requests.clear()
     assert cli(setup, "sync").exit_code == 0
     assert set(sent_users(setup)) == {"u3"}
-    assert sent_users(setup)["u3"]["custom"] == [{"key": "high_value_users", "value": True},
-                                                 {"key": "lifetime_value", "value": 50}]
+    assert sent_users(setup)["u3"]["custom"] == [
+        {"key": "high_value_users", "value": True},
+        {"key": "lifetime_value", "value": 50},
+    ]
     first, second = runs(setup)
-    assert SNAPSHOT_ID.match(first.source_snapshot) and SNAPSHOT_ID.match(
-        second.source_snapshot)
+    assert SNAPSHOT_ID.match(first.source_snapshot) and SNAPSHOT_ID.match(second.source_snapshot)
     # The recorded ids are the runs' real snapshots: the writer's transaction is in
     # progress for the first and committed for the second.
     assert writer_xid is not None
-    assert [pg_source.scalar("SELECT pg_visible_in_snapshot(%s::xid8, %s::pg_snapshot)",
-                             writer_xid[0], run.source_snapshot)
-            for run in (first, second)] == [False, True]
+    assert [
+        pg_source.scalar(
+            "SELECT pg_visible_in_snapshot(%s::xid8, %s::pg_snapshot)",
+            writer_xid[0],
+            run.source_snapshot,
+        )
+        for run in (first, second)
+    ] == [False, True]
     assert first.snapshot_at <= first.finished_at
     history = json.loads(cli(setup, "history", "--json").stdout)
-    assert [r["source_snapshot"] for r in history] == [second.source_snapshot,
-                                                       first.source_snapshot]
+    assert [r["source_snapshot"] for r in history] == [
+        second.source_snapshot,
+        first.source_snapshot,
+    ]
     assert json.loads(cli(setup, "show", "1", "--json").stdout)["source_snapshot"] == (
-        first.source_snapshot)
+        first.source_snapshot
+    )
     assert f"(snapshot {first.source_snapshot})" in cli(setup, "show", "1").stdout
 
 
 WRITES = {
     "function": ("audience", "SELECT wipe() AS user_id"),
-    "data-modifying WITH": ("audience", "WITH gone AS (DELETE FROM members RETURNING user_id) "
-                                        "SELECT user_id FROM gone"),
+    "data-modifying WITH": (
+        "audience",
+        "WITH gone AS (DELETE FROM members RETURNING user_id) SELECT user_id FROM gone",
+    ),
     "DELETE RETURNING": ("audience", "DELETE FROM members RETURNING user_id"),
     "profile function": ("profile", "SELECT user_id, wipe() AS email FROM users"),
 }
 
 
-@pytest.mark.parametrize(("how", "command"), [*((how, "sync") for how in sorted(WRITES)),
-                                             ("function", "sync --dry-run")])
+@pytest.mark.parametrize(
+    ("how", "command"), [*((how, "sync") for how in sorted(WRITES)), ("function", "sync --dry-run")]
+)
 def test_a_postgresql_query_that_writes_fails_the_run_and_changes_nothing(
-        setup: Setup, pg_source: PgSource, how: str, command: str) -> None:
+    setup: Setup, pg_source: PgSource, how: str, command: str
+) -> None:
     fill(pg_source)
-    pg_source.execute("CREATE FUNCTION wipe() RETURNS text LANGUAGE plpgsql AS "
-                      "$$ BEGIN DELETE FROM members; RETURN 'x'; END $$")
+    pg_source.execute(
+        "CREATE FUNCTION wipe() RETURNS text LANGUAGE plpgsql AS "
+        "$$ BEGIN DELETE FROM members; RETURN 'x'; END $$"
+    )
     kind, query = WRITES[how]
     if kind == "audience":
         write_config(setup, pg_source.url, first_query=query)
@@ -216,8 +261,11 @@ def test_a_postgresql_query_that_writes_fails_the_run_and_changes_nothing(
 
 def assert_read_only_line(result: Result, entry: str) -> str:
     # The first command also says where it created the state database.
-    lines = [line for line in result.stderr.strip().splitlines()
-             if not line.startswith("reconciler: created ")]
+    lines = [
+        line
+        for line in result.stderr.strip().splitlines()
+        if not line.startswith("reconciler: created ")
+    ]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     (line,) = lines
@@ -237,11 +285,11 @@ def between_queries(before: str, action: Callable[[], None]) -> Callable[..., No
         if statement == before and not done:
             done.append(True)
             action()
+
     return hook
 
 
-def test_a_commit_between_two_sqlite_queries_of_a_run_is_not_seen_by_it(
-        setup: Setup) -> None:
+def test_a_commit_between_two_sqlite_queries_of_a_run_is_not_seen_by_it(setup: Setup) -> None:
     w = setup.warehouse
     w.execute("PRAGMA journal_mode=WAL")  # a writer can commit while the run reads
     w.members(FIRST, "u1")
@@ -257,8 +305,9 @@ def test_a_commit_between_two_sqlite_queries_of_a_run_is_not_seen_by_it(
             other.execute("UPDATE users SET email = 'new@example.com' WHERE user_id = 'u1'")
         other.close()
 
-    hook = between_queries(f"SELECT user_id FROM members WHERE audience = '{SECOND}'",
-                           commit_elsewhere)
+    hook = between_queries(
+        f"SELECT user_id FROM members WHERE audience = '{SECOND}'", commit_elsewhere
+    )
     event.listen(Engine, "before_cursor_execute", hook)
     try:
         result = cli(setup, "sync")
@@ -266,10 +315,11 @@ def test_a_commit_between_two_sqlite_queries_of_a_run_is_not_seen_by_it(
         event.remove(Engine, "before_cursor_execute", hook)
     assert result.exit_code == 0, result.output
     with sqlite3.connect(w.path) as check:  # the write did commit, during the run
-        assert check.execute("SELECT COUNT(*) FROM members WHERE user_id = 'u3'"
-                             ).fetchone() == (1,)
+        assert check.execute("SELECT COUNT(*) FROM members WHERE user_id = 'u3'").fetchone() == (1,)
     assert {u: b.get("email") for u, b in sent_users(setup).items()} == {
-        "u1": "old@example.com", "u2": "u2@example.com"}
+        "u1": "old@example.com",
+        "u2": "u2@example.com",
+    }
     setup.receiver.requests.clear()
     assert cli(setup, "sync").exit_code == 0
     assert set(sent_users(setup)) == {"u3"}
@@ -278,7 +328,8 @@ def test_a_commit_between_two_sqlite_queries_of_a_run_is_not_seen_by_it(
 
 @pytest.mark.parametrize("url_form", ["path", "uri"])
 def test_a_sqlite_query_that_writes_fails_the_run_and_changes_nothing(
-        setup: Setup, url_form: str) -> None:
+    setup: Setup, url_form: str
+) -> None:
     """Plain paths are opened read-only; `file:` URIs are refused by query_only."""
     w = setup.warehouse
     w.members(FIRST, "u1")

@@ -36,39 +36,85 @@ def conn(state_url: str) -> Iterator[Connection]:
 
 def snapshot(conn: Connection, *rows: tuple[str, str, str, str]) -> None:
     """(entity, user_id, key, value) rows into `snap`, then the keys of the run."""
-    conn.execute(insert(workspace.snap), [
-        {"entity": entity, "user_id": user, "key": key, "value": value}
-        for entity, user, key, value in rows])
+    conn.execute(
+        insert(workspace.snap),
+        [
+            {"entity": entity, "user_id": user, "key": key, "value": value}
+            for entity, user, key, value in rows
+        ],
+    )
     fill_run_keys(conn, [HV, LTV, SEATS], (), ())
 
 
 def test_the_workspace_holds_every_table_the_stages_use(conn: Connection):
     names = {t.name for t in workspace.metadata.sorted_tables}
-    assert names == {"snap", "profile_raw", "profile", "account_raw", "accounts", "run_keys",
-                     "uncertain", "diff", "kept", "plan"}
+    assert names == {
+        "snap",
+        "profile_raw",
+        "profile",
+        "account_raw",
+        "accounts",
+        "run_keys",
+        "uncertain",
+        "diff",
+        "kept",
+        "plan",
+    }
     for name in names:  # each exists, empty, on this connection
         assert conn.exec_driver_sql(f"SELECT COUNT(*) FROM {name}").scalar_one() == 0
 
 
 def test_diff_rows_are_entries_exits_and_changed_values_of_both_entities(conn: Connection):
-    conn.execute(insert(acked), [
-        {"entity": "contact", "user_id": "u1", "key": "high_value", "value": "true",
-         "update_id": 1, "acked_at": T0},
-        {"entity": "contact", "user_id": "u2", "key": "lifetime_value", "value": "5",
-         "update_id": 1, "acked_at": T0},
-        {"entity": "customer", "user_id": "u2", "key": "seats", "value": "10",
-         "update_id": 2, "acked_at": T0}])
-    snapshot(conn, ("contact", "u2", "high_value", "true"),
-             ("contact", "u2", "lifetime_value", "5"), ("customer", "u2", "seats", "12"))
+    conn.execute(
+        insert(acked),
+        [
+            {
+                "entity": "contact",
+                "user_id": "u1",
+                "key": "high_value",
+                "value": "true",
+                "update_id": 1,
+                "acked_at": T0,
+            },
+            {
+                "entity": "contact",
+                "user_id": "u2",
+                "key": "lifetime_value",
+                "value": "5",
+                "update_id": 1,
+                "acked_at": T0,
+            },
+            {
+                "entity": "customer",
+                "user_id": "u2",
+                "key": "seats",
+                "value": "10",
+                "update_id": 2,
+                "acked_at": T0,
+            },
+        ],
+    )
+    snapshot(
+        conn,
+        ("contact", "u2", "high_value", "true"),
+        ("contact", "u2", "lifetime_value", "5"),
+        ("customer", "u2", "seats", "12"),
+    )
     fill_diff(conn)
-    rows = conn.execute(select(workspace.diff.c.entity, workspace.diff.c.user_id,
-                               workspace.diff.c.key, workspace.diff.c.new_value,
-                               workspace.diff.c.old_value)
-                        .order_by(workspace.diff.c.entity, workspace.diff.c.user_id)).all()
+    rows = conn.execute(
+        select(
+            workspace.diff.c.entity,
+            workspace.diff.c.user_id,
+            workspace.diff.c.key,
+            workspace.diff.c.new_value,
+            workspace.diff.c.old_value,
+        ).order_by(workspace.diff.c.entity, workspace.diff.c.user_id)
+    ).all()
     assert [tuple(r) for r in rows] == [
-        ("contact", "u1", "high_value", "false", "true"),   # left
-        ("contact", "u2", "high_value", "true", None),      # entered; its trait is unchanged
-        ("customer", "u2", "seats", "12", "10")]            # same id text, other entity
+        ("contact", "u1", "high_value", "false", "true"),  # left
+        ("contact", "u2", "high_value", "true", None),  # entered; its trait is unchanged
+        ("customer", "u2", "seats", "12", "10"),
+    ]  # same id text, other entity
 
 
 def test_plan_rows_carry_deterministic_ids_and_bodies_accounts_first(conn: Connection):
@@ -79,7 +125,8 @@ def test_plan_rows_carry_deterministic_ids_and_bodies_accounts_first(conn: Conne
     rows = conn.execute(select(workspace.plan).order_by(workspace.plan.c.seq)).all()
     assert [(r.seq, r.entity, r.user_id, r.version, r.status) for r in rows] == [
         (1, "customer", "g1", 0, "skipped"),  # no accounts row: no user_id, settled
-        (2, "contact", "u1", 3, "pending")]
+        (2, "contact", "u1", 3, "pending"),
+    ]
     assert rows[1].message_id == message_id("u1", 3, None, [("high_value", "true")])
     assert rows[0].message_id == message_id("g1", 0, None, [("seats", "7")], "customer")
     body = json.loads(rows[1].body)

@@ -25,6 +25,7 @@ HV, LTV = "high_value_users", "lifetime_value"
 
 # --- the dry run's text ---------------------------------------------------------------
 
+
 def test_dry_run_text_counts_the_ignored_rows_its_json_shows(setup):
     setup.warehouse.members("High Value Users", "u1", "", None, "  ")
     setup.write()
@@ -50,10 +51,15 @@ def test_dry_run_sample_says_what_would_be_sent_and_what_skipped_and_why(setup):
     data = json.loads(setup_cli(setup, "sync", "--dry-run", "--json").stdout)
     reasons = {s["body"]["user_id"]: s["note"] for s in data["sample"]}
     lines = setup_cli(setup, "sync", "--dry-run").stdout.splitlines()[1:]
-    labels = {json.loads(line.split(": ", 1)[1])["user_id"]: line.split(": ", 1)[0].strip()
-              for line in lines}
-    assert labels == {"u1": "would send", "u2": f"would skip ({reasons['u2']})",
-                      "u3": f"would skip ({reasons['u3']})"}
+    labels = {
+        json.loads(line.split(": ", 1)[1])["user_id"]: line.split(": ", 1)[0].strip()
+        for line in lines
+    }
+    assert labels == {
+        "u1": "would send",
+        "u2": f"would skip ({reasons['u2']})",
+        "u3": f"would skip ({reasons['u3']})",
+    }
     assert "email" in reasons["u2"] and reasons["u3"]
     assert not any("pending" in line for line in lines)
 
@@ -68,6 +74,7 @@ def test_dry_run_sample_notes_what_a_sent_body_leaves_out(setup):
 
 # --- re-sent values are not changes ---------------------------------------------------
 
+
 @pytest.fixture
 def acknowledged(setup: Setup) -> Setup:
     """u1..u3 members of High Value Users, u1 and u2 with a lifetime value; all sent."""
@@ -81,8 +88,10 @@ def acknowledged(setup: Setup) -> Setup:
 def last_run(setup: Setup, engine_of) -> dict[str, int]:
     with engine_of(setup).connect() as conn:
         row = conn.execute(select(sync_runs).order_by(sync_runs.c.id.desc())).first()
-    return {k: getattr(row, k) for k in ("users_changed", "entered", "exited",
-                                         "traits_changed", "resent", "sent")}
+    return {
+        k: getattr(row, k)
+        for k in ("users_changed", "entered", "exited", "traits_changed", "resent", "sent")
+    }
 
 
 def test_resync_counts_unchanged_values_as_resent_not_as_changes(acknowledged, engine_of):
@@ -92,8 +101,14 @@ def test_resync_counts_unchanged_values_as_resent_not_as_changes(acknowledged, e
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     # re-sent as acknowledged: u1, u2 membership, u1's value
-    expected = {"users_changed": 4, "entered": 1, "exited": 1, "traits_changed": 1,
-                "resent": 3, "sent": 4}
+    expected = {
+        "users_changed": 4,
+        "entered": 1,
+        "exited": 1,
+        "traits_changed": 1,
+        "resent": 3,
+        "sent": 4,
+    }
     assert {k: printed[k] for k in expected} == expected
     assert last_run(acknowledged, engine_of) == expected
     runs = json.loads(setup_cli(acknowledged, "history", "--json").stdout)
@@ -108,8 +123,13 @@ def test_resync_summary_line_says_how_many_values_were_resent(acknowledged):
 def test_resync_of_one_key_counts_only_that_key(acknowledged, engine_of):
     assert setup_cli(acknowledged, "resync", "--audience", HV).exit_code == 0
     assert last_run(acknowledged, engine_of) == {
-        "users_changed": 3, "entered": 0, "exited": 0, "traits_changed": 0, "resent": 3,
-        "sent": 3}
+        "users_changed": 3,
+        "entered": 0,
+        "exited": 0,
+        "traits_changed": 0,
+        "resent": 3,
+        "sent": 3,
+    }
 
 
 def test_sync_with_real_changes_has_nothing_resent(acknowledged, engine_of):
@@ -123,8 +143,12 @@ def test_sync_with_real_changes_has_nothing_resent(acknowledged, engine_of):
 def test_show_and_history_show_the_resent_count(acknowledged):
     assert setup_cli(acknowledged, "resync").exit_code == 0
     assert "resent unchanged 5" in setup_cli(acknowledged, "show", "2").stdout
-    lines = cli("history", "--config", str(acknowledged.tmp_path / "reconciler.toml"),
-                env={"COLUMNS": "200"}).stdout.splitlines()
+    lines = cli(
+        "history",
+        "--config",
+        str(acknowledged.tmp_path / "reconciler.toml"),
+        env={"COLUMNS": "200"},
+    ).stdout.splitlines()
     header = next(line.split() for line in lines if line.startswith("run "))
     row = next(line.split() for line in lines if line.strip().startswith("2 "))
     assert row[header.index("resent") + 1] == "5"  # `started` is two words in a row
@@ -132,11 +156,19 @@ def test_show_and_history_show_the_resent_count(acknowledged):
 
 # --- the daemon's schedule, the progress display ---------------------------------------
 
-@pytest.mark.parametrize("minutes, words", [(1, "every minute"), (1.0, "every minute"),
-                                            (5, "every 5 minutes"), (120, "every 120 minutes"),
-                                            (1.5, "every 1.5 minutes"),
-                                            (0.5, "every 0.5 minutes"),
-                                            (2880, "every 2880 minutes")])
+
+@pytest.mark.parametrize(
+    "minutes, words",
+    [
+        (1, "every minute"),
+        (1.0, "every minute"),
+        (5, "every 5 minutes"),
+        (120, "every 120 minutes"),
+        (1.5, "every 1.5 minutes"),
+        (0.5, "every 0.5 minutes"),
+        (2880, "every 2880 minutes"),
+    ],
+)
 def test_schedule_is_described_in_plain_words(minutes, words):
     assert describe(Schedule(interval_minutes=minutes)) == words
 

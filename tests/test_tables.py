@@ -24,10 +24,12 @@ from .receiver import Reply
 
 WIDTHS = [60, 80, 100, 120, 160, 200]
 COUNTS = list(views.RUN_COUNTS)
-LONG_ERROR = ("source database postgresql://analytics@warehouse.internal/prod: audience "
-              '"High Value Users": query failed: relation "userz" does not exist; LINE 1: '
-              "SELECT user_id FROM userz WHERE plan = 'enterprise' AND seats >= 100 AND "
-              "region IN ('emea', 'amer', 'apac') ^ HINT: perhaps you meant users")
+LONG_ERROR = (
+    "source database postgresql://analytics@warehouse.internal/prod: audience "
+    '"High Value Users": query failed: relation "userz" does not exist; LINE 1: '
+    "SELECT user_id FROM userz WHERE plan = 'enterprise' AND seats >= 100 AND "
+    "region IN ('emea', 'amer', 'apac') ^ HINT: perhaps you meant users"
+)
 # the longest fits the narrowest width on a line of its own
 USERS = ["u-1", "customer-000000000000123456789", "acct-" + "x" * 40 + "-9876543210"]
 
@@ -63,13 +65,17 @@ def history(setup: Setup) -> Setup:
     with engine.begin() as conn:
         for n in range(2, 7):
             counts = {key: 1_000_000 * n + 1_000 * i + n for i, key in enumerate(COUNTS)}
-            conn.execute(insert(sync_runs).values(
-                trigger="full_resync" if n % 2 else "schedule",
-                resync_key="order_completed_last_30_days" if n == 3 else None,
-                status=("partial", "succeeded")[n % 2],
-                started_at=started + timedelta(hours=n),
-                finished_at=started + timedelta(hours=n, seconds=n * 7.5),
-                error=LONG_ERROR if n == 4 else None, **counts))
+            conn.execute(
+                insert(sync_runs).values(
+                    trigger="full_resync" if n % 2 else "schedule",
+                    resync_key="order_completed_last_30_days" if n == 3 else None,
+                    status=("partial", "succeeded")[n % 2],
+                    started_at=started + timedelta(hours=n),
+                    finished_at=started + timedelta(hours=n, seconds=n * 7.5),
+                    error=LONG_ERROR if n == 4 else None,
+                    **counts,
+                )
+            )
     engine.dispose()
     return setup
 
@@ -81,27 +87,41 @@ def run_words(runs: list[dict[str, Any]]) -> Counter[str]:
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("width", WIDTHS)
 def test_history_never_cuts_a_number_at_any_width(history, width):
-    result = cli("history", "--config", str(history.tmp_path / "reconciler.toml"),
-                 env={"COLUMNS": str(width)})
+    result = cli(
+        "history",
+        "--config",
+        str(history.tmp_path / "reconciler.toml"),
+        env={"COLUMNS": str(width)},
+    )
     assert result.exit_code == 0, result.output
-    runs = json.loads(cli("history", "--json", "--config",
-                          str(history.tmp_path / "reconciler.toml")).stdout)
+    runs = json.loads(
+        cli("history", "--json", "--config", str(history.tmp_path / "reconciler.toml")).stdout
+    )
     assert len(runs) == 6 and runs[-1]["status"] == "failed"
     assert_fits(result.stdout, width)
-    assert_all_whole(result.stdout, run_words(runs)
-                     + Counter(["order_completed_last_30_days", "users"]))
+    assert_all_whole(
+        result.stdout, run_words(runs) + Counter(["order_completed_last_30_days", "users"])
+    )
     # the cause is shown whole (history leaves only the database URL and fixes out)
-    assert tokens(result.stdout)[error_gist(runs[-1]["error"]).split()[-1]
-                                 .strip('"{}[],:;()')] >= 1
+    assert tokens(result.stdout)[error_gist(runs[-1]["error"]).split()[-1].strip('"{}[],:;()')] >= 1
 
 
 @pytest.mark.parametrize("width", [80, 120, 160])
 def test_history_rendered_by_rich_at_fixed_widths_keeps_every_count(width):
     """The same check on the view alone, with rich's recording Console."""
-    runs = [{"id": 10_000 + n, "trigger": "full_resync", "resync_key": "*", "status": "partial",
-             "started_at": "2026-05-01T12:00:00Z", "finished_at": "2026-05-01T12:03:00Z",
-             "error": LONG_ERROR, **{k: 9_000_000 + 10 * n + i for i, k in enumerate(COUNTS)}}
-            for n in range(4)]
+    runs = [
+        {
+            "id": 10_000 + n,
+            "trigger": "full_resync",
+            "resync_key": "*",
+            "status": "partial",
+            "started_at": "2026-05-01T12:00:00Z",
+            "finished_at": "2026-05-01T12:03:00Z",
+            "error": LONG_ERROR,
+            **{k: 9_000_000 + 10 * n + i for i, k in enumerate(COUNTS)},
+        }
+        for n in range(4)
+    ]
     out = Console(width=width, record=True, file=io.StringIO())
     views.print_runs(out, runs)
     text = out.export_text()
@@ -117,25 +137,33 @@ def deliveries(setup: Setup) -> Setup:
         setup.warehouse.user(user, email=f"{user[:20]}@example.com")
     setup.warehouse.members("High Value Users", *USERS)
     setup.warehouse.trait("Lifetime Value", {u: 1_234_567_890 + n for n, u in enumerate(USERS)})
-    setup.receiver.respond = lambda _n, _b: Reply(422, '{"errors":[{"field":"email","message":'
-                                                       '"Email has already been taken by '
-                                                       'another contact; merge them first"}]}')
-    assert cli("sync", "--config", str(setup.write(destination="max_attempts = 1"))
-               ).exit_code == 1
+    setup.receiver.respond = lambda _n, _b: Reply(
+        422,
+        '{"errors":[{"field":"email","message":'
+        '"Email has already been taken by '
+        'another contact; merge them first"}]}',
+    )
+    assert cli("sync", "--config", str(setup.write(destination="max_attempts = 1"))).exit_code == 1
     return setup
 
 
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("width", WIDTHS)
 def test_show_never_cuts_a_user_id_or_a_number(deliveries, width):
-    result = cli("show", "1", "--config", str(deliveries.tmp_path / "reconciler.toml"),
-                 env={"COLUMNS": str(width)})
+    result = cli(
+        "show",
+        "1",
+        "--config",
+        str(deliveries.tmp_path / "reconciler.toml"),
+        env={"COLUMNS": str(width)},
+    )
     assert result.exit_code == 0, result.output
     assert_fits(result.stdout, width)
     # each user: 2 changes and 1 attempt; each attempt answered 422
     expected = Counter({user: 3 for user in USERS})
-    expected.update({"422": len(USERS), "high_value_users": len(USERS),
-                     "lifetime_value": len(USERS)})
+    expected.update(
+        {"422": len(USERS), "high_value_users": len(USERS), "lifetime_value": len(USERS)}
+    )
     expected.update(str(1_234_567_890 + n) for n in range(len(USERS)))
     assert_all_whole(result.stdout, expected)
     assert "first" in tokens(result.stdout)  # the end of each error is there too
@@ -145,8 +173,13 @@ def test_show_never_cuts_a_user_id_or_a_number(deliveries, width):
 @pytest.mark.parametrize("width", WIDTHS)
 def test_user_never_cuts_an_id_or_a_value(deliveries, width):
     user = USERS[-1]
-    result = cli("user", user, "--config", str(deliveries.tmp_path / "reconciler.toml"),
-                 env={"COLUMNS": str(width)})
+    result = cli(
+        "user",
+        user,
+        "--config",
+        str(deliveries.tmp_path / "reconciler.toml"),
+        env={"COLUMNS": str(width)},
+    )
     assert result.exit_code == 0, result.output
     assert_fits(result.stdout, width)
     words = tokens(result.stdout)
@@ -172,8 +205,7 @@ def test_wide_gives_a_row_a_line_narrower_puts_texts_under_narrowest_gives_block
     assert lines[0].split() == ["id", "name"] and lines[2].split() == ["123456", "alpha", "beta"]
     assert "note:" in lines[3] and "".join(lines[3:]).count("rather") == 3
     numbers = [Column("a", NUMBER), Column("b", NUMBER)]  # 13 wide as a table
-    assert render(12, numbers, [["123456", "654321"]]).splitlines() == [
-        "a 123456", "  b 654321"]
+    assert render(12, numbers, [["123456", "654321"]]).splitlines() == ["a 123456", "  b 654321"]
 
 
 def test_cells_are_data_not_markup():

@@ -83,20 +83,25 @@ class Syncs:
 
     def __init__(self, setup: Setup, max_concurrency: int = 1) -> None:
         self.setup = setup
-        text = setup.config_text(audiences=tuple(AUDIENCES.values()),
-                                 destination="max_attempts = 1")
+        text = setup.config_text(
+            audiences=tuple(AUDIENCES.values()), destination="max_attempts = 1"
+        )
         text = text.replace("max_concurrency = 4", f"max_concurrency = {max_concurrency}")
         self.unheard = socket.socket()  # bound, never listening: connections are refused
         self.unheard.bind(("127.0.0.1", 0))
         port = self.unheard.getsockname()[1]
         self.configs = {}
         for name, timeout, url in (
-                ("normal", PATIENCE / 2, setup.receiver.url),
-                ("hasty", HASTY_TIMEOUT, setup.receiver.url),
-                ("refusing", PATIENCE / 2, f"http://127.0.0.1:{port}/hook/s3cr3t-token")):
+            ("normal", PATIENCE / 2, setup.receiver.url),
+            ("hasty", HASTY_TIMEOUT, setup.receiver.url),
+            ("refusing", PATIENCE / 2, f"http://127.0.0.1:{port}/hook/s3cr3t-token"),
+        ):
             path = setup.tmp_path / f"{name}.toml"
-            path.write_text(text.replace("timeout_seconds = 5", f"timeout_seconds = {timeout}")
-                            .replace(setup.receiver.url, url))
+            path.write_text(
+                text.replace("timeout_seconds = 5", f"timeout_seconds = {timeout}").replace(
+                    setup.receiver.url, url
+                )
+            )
             self.configs[name] = path
         self.child: subprocess.Popen[bytes] | None = None
         self.given_up = threading.Event()  # set once the current sync has exited
@@ -117,9 +122,12 @@ class Syncs:
         """A `then` hook: answer only once the client has given up and exited."""
         assert self.given_up.wait(PATIENCE), "the client never gave up"
 
-    def run(self, respond: Respond | None = None, config: str = "normal",
-            after_start: Callable[[subprocess.Popen[bytes]], None] | None = None
-            ) -> tuple[int, list[Received]]:
+    def run(
+        self,
+        respond: Respond | None = None,
+        config: str = "normal",
+        after_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    ) -> tuple[int, list[Received]]:
         """One sync with `config`; returns its exit status and the requests it made."""
         receiver = self.setup.receiver
         first = len(receiver.requests)
@@ -127,7 +135,10 @@ class Syncs:
         self.given_up = threading.Event()
         self.child = subprocess.Popen(
             [RECONCILER, "sync", "--config", str(self.configs[config])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+        )
         try:
             if after_start is not None:
                 after_start(self.child)
@@ -159,8 +170,9 @@ def ambiguous(kind: str, syncs: Syncs) -> Reply:
 
 def kinds(*fast: str) -> list[Any]:
     """Every ambiguous kind; those not in `fast` run with the slow tests only."""
-    return [k if k in fast else pytest.param(k, marks=pytest.mark.slow)
-            for k in ("drop", "late", "500")]
+    return [
+        k if k in fast else pytest.param(k, marks=pytest.mark.slow) for k in ("drop", "late", "500")
+    ]
 
 
 def only(reply: Reply) -> Respond:
@@ -180,6 +192,7 @@ def make_syncs() -> Iterator[Callable[..., Syncs]]:
     def make(setup: Setup, max_concurrency: int = 1) -> Syncs:
         made.append(Syncs(setup, max_concurrency))
         return made[-1]
+
     yield make
     for syncs in made:
         syncs.close()
@@ -223,7 +236,8 @@ def test_chain2_killed_before_the_200_then_a_refused_correction_then_a_trait(mod
 
 @pytest.mark.parametrize("kind", kinds("drop"))
 def test_chain3_a_trait_applied_then_its_row_deleted_then_back_to_acknowledged(
-        model, make_syncs, kind):
+    model, make_syncs, kind
+):
     """100 acknowledged; 200 applied, unacknowledged; row deleted; back at 100: 100 is sent."""
     syncs = make_syncs(model.setup)
     model.ltv["u1"] = 100
@@ -245,7 +259,8 @@ def test_chain3_a_trait_applied_then_its_row_deleted_then_back_to_acknowledged(
 
 @pytest.mark.parametrize("kind", kinds("drop", "500"))
 def test_chain4_a_trait_applied_then_a_refused_change_then_back_to_acknowledged(
-        model, make_syncs, kind):
+    model, make_syncs, kind
+):
     """100 acknowledged; 200 applied, unacknowledged; 300 gets 503; back at 100: 100 is sent."""
     syncs = make_syncs(model.setup)
     model.ltv["u1"] = 100
@@ -265,8 +280,9 @@ def test_chain4_a_trait_applied_then_a_refused_change_then_back_to_acknowledged(
     assert model.mismatches(model.setup.receiver.holds()) == []
 
 
-def test_an_acknowledged_resend_clears_the_mark_and_nothing_more_is_sent(model, make_syncs,
-                                                                         engine_of):
+def test_an_acknowledged_resend_clears_the_mark_and_nothing_more_is_sent(
+    model, make_syncs, engine_of
+):
     """The obligation ends with the acknowledgement: the next run sends nothing."""
     engine = engine_of(model.setup)
     syncs = make_syncs(model.setup)
@@ -311,12 +327,19 @@ def marks(engine: Engine) -> list[tuple[str, str]]:
 # --- the randomized model --------------------------------------------------------------
 
 FAULTS = (  # (kind, weight) of each request's answer
-    ("ok", 52), ("apply+drop", 8), ("apply+late", 5), ("503", 8), ("500 applied", 5),
-    ("500 not applied", 4), ("429", 6), ("arrived, then killed", 2),
-    ("applied, then killed", 3))
-KILL_AFTER = 0.12   # share of rounds killed by a timer at a random moment
-REFUSED = 0.06      # share of rounds whose webhook refuses connections
-CHECK_EVERY = 10    # every so many rounds, a healthy run and a comparison
+    ("ok", 52),
+    ("apply+drop", 8),
+    ("apply+late", 5),
+    ("503", 8),
+    ("500 applied", 5),
+    ("500 not applied", 4),
+    ("429", 6),
+    ("arrived, then killed", 2),
+    ("applied, then killed", 3),
+)
+KILL_AFTER = 0.12  # share of rounds killed by a timer at a random moment
+REFUSED = 0.06  # share of rounds whose webhook refuses connections
+CHECK_EVERY = 10  # every so many rounds, a healthy run and a comparison
 
 
 @dataclass
@@ -330,11 +353,13 @@ class Figures:
 
     def line(self, backend: str, seed: int, bodies: list[Received]) -> str:
         ids = Counter(r.body["message_id"] for r in bodies)
-        return (f"[{backend}] seed {seed}: rounds {self.rounds} (healthy checks "
-                f"{self.checks}), kills {sum(self.kills.values())}"
-                f" {dict(self.kills)}, faults {dict(self.faults)}, exits {dict(self.exits)},"
-                f" bodies {len(bodies)}, duplicates sharing an id "
-                f"{sum(n - 1 for n in ids.values())}, final mismatches {self.mismatches}")
+        return (
+            f"[{backend}] seed {seed}: rounds {self.rounds} (healthy checks "
+            f"{self.checks}), kills {sum(self.kills.values())}"
+            f" {dict(self.kills)}, faults {dict(self.faults)}, exits {dict(self.exits)},"
+            f" bodies {len(bodies)}, duplicates sharing an id "
+            f"{sum(n - 1 for n in ids.values())}, final mismatches {self.mismatches}"
+        )
 
 
 class Chaos:
@@ -364,6 +389,7 @@ class Chaos:
         def hook() -> None:
             if self.syncs.kill():  # two requests in flight may both ask
                 self.figures.kills["at a request: " + kind.split(",")[0]] += 1
+
         return hook
 
 
@@ -400,13 +426,18 @@ def chaos(setup: Setup, syncs: Syncs, engine: Engine, rounds: int, seed: int) ->
     assert again == (0, []), f"seed {seed}: the run after the healthy one sent {again[1]}"
     same_id_same_body(list(setup.receiver.requests), seed)
     with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(updates)
-                            .where(updates.c.status == "pending")).scalar_one() == 0
+        assert (
+            conn.execute(
+                select(func.count()).select_from(updates).where(updates.c.status == "pending")
+            ).scalar_one()
+            == 0
+        )
     assert sum(figures.kills.values()) >= rounds // 20, f"seed {seed}: too few kills"
 
 
-def chaos_rounds(model: Model, syncs: Syncs, engine: Engine, figures: Figures, rounds: int,
-                 seed: int) -> list[str]:
+def chaos_rounds(
+    model: Model, syncs: Syncs, engine: Engine, figures: Figures, rounds: int, seed: int
+) -> list[str]:
     """The rounds, then a healthy run; returns the mismatches it leaves."""
     rng = random.Random(seed)
     for number in range(1, rounds + 1):
@@ -429,16 +460,21 @@ def chaos_rounds(model: Model, syncs: Syncs, engine: Engine, figures: Figures, r
                 except subprocess.TimeoutExpired:
                     if syncs.kill():
                         figures.kills["timer"] += 1
+
         refused = rng.random() < REFUSED
         if refused:
             figures.faults["refused (whole round)"] += 1
-        code, _ = syncs.run(Chaos(rng, syncs, figures), "refusing" if refused else "hasty",
-                            after_start=timer)
+        code, _ = syncs.run(
+            Chaos(rng, syncs, figures), "refusing" if refused else "hasty", after_start=timer
+        )
         figures.exits[code] += 1
         if code != -signal.SIGKILL:
             with engine.connect() as conn:
-                status = conn.execute(select(sync_runs.c.status)
-                                      .order_by(sync_runs.c.id.desc())).scalars().first()
+                status = (
+                    conn.execute(select(sync_runs.c.status).order_by(sync_runs.c.id.desc()))
+                    .scalars()
+                    .first()
+                )
             assert status in ("succeeded", "partial"), f"seed {seed}: a run ended {status}"
     code, _ = syncs.run()
     assert code == 0, f"seed {seed}: the healthy run exited {code}"
@@ -455,16 +491,19 @@ def same_id_same_body(bodies: list[Received], seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_random_faults_and_kills_lose_nothing(setup: Setup, make_syncs: Any,
-                                              engine_of: Any) -> None:
+def test_random_faults_and_kills_lose_nothing(
+    setup: Setup, make_syncs: Any, engine_of: Any
+) -> None:
     """150 rounds; UNCERTAIN_SEED and UNCERTAIN_ROUNDS replay or stretch it."""
-    chaos(setup, make_syncs(setup, 2), engine_of(setup),
-          rounds=int(os.environ.get("UNCERTAIN_ROUNDS", "150")),
-          seed=int(os.environ.get("UNCERTAIN_SEED", "9")))
+    chaos(
+        setup,
+        make_syncs(setup, 2),
+        engine_of(setup),
+        rounds=int(os.environ.get("UNCERTAIN_ROUNDS", "150")),
+        seed=int(os.environ.get("UNCERTAIN_SEED", "9")),
+    )
 
 
-def test_a_few_random_rounds_lose_nothing(setup: Setup, make_syncs: Any,
-                                          engine_of: Any) -> None:
+def test_a_few_random_rounds_lose_nothing(setup: Setup, make_syncs: Any, engine_of: Any) -> None:
     """The same model, short enough for every run of the suite."""
     chaos(setup, make_syncs(setup, 2), engine_of(setup), rounds=12, seed=3)
-

@@ -31,8 +31,11 @@ from reconciler.state.retention import prune
 from reconciler.state.schema import acked, changes, sync_runs, uncertain_keys, updates
 
 A, B, LTV = "audience_a", "audience_b", "lifetime_value"
-ENTRIES = {A: Entry("audience", "Audience A", A, "-"), B: Entry("audience", "Audience B", B, "-"),
-           LTV: Entry("trait", "Lifetime Value", LTV, "-")}
+ENTRIES = {
+    A: Entry("audience", "Audience A", A, "-"),
+    B: Entry("audience", "Audience B", B, "-"),
+    LTV: Entry("trait", "Lifetime Value", LTV, "-"),
+}
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 TRUE, FALSE = "true", "false"
 
@@ -57,29 +60,59 @@ class Seed:
         return self.run_id
 
     def ack(self, user: str, key: str, value: str) -> None:
-        self.conn.execute(insert(acked).values(user_id=user, key=key, value=value, update_id=0,
-                                               acked_at=T0))
+        self.conn.execute(
+            insert(acked).values(user_id=user, key=key, value=value, update_id=0, acked_at=T0)
+        )
 
-    def update(self, user: str, status: str, values: dict[str, str], *,
-               in_flight: bool = False, maybe: bool = False, run_id: int | None = None) -> int:
+    def update(
+        self,
+        user: str,
+        status: str,
+        values: dict[str, str],
+        *,
+        in_flight: bool = False,
+        maybe: bool = False,
+        run_id: int | None = None,
+    ) -> int:
         run_id = run_id or self.run_id or self.run()
-        number = self.conn.execute(select(updates.c.id).order_by(updates.c.id.desc())
-                                   ).scalars().first() or 0
-        result = self.conn.execute(insert(updates).values(
-            message_id=f"m{number + 1}", user_id=user, version=0, run_id=run_id,
-            observed_at=T0, status=status, body="{}", attempts=0,
-            in_flight_since=T0 if in_flight else None, maybe_delivered=maybe))
+        number = (
+            self.conn.execute(select(updates.c.id).order_by(updates.c.id.desc())).scalars().first()
+            or 0
+        )
+        result = self.conn.execute(
+            insert(updates).values(
+                message_id=f"m{number + 1}",
+                user_id=user,
+                version=0,
+                run_id=run_id,
+                observed_at=T0,
+                status=status,
+                body="{}",
+                attempts=0,
+                in_flight_since=T0 if in_flight else None,
+                maybe_delivered=maybe,
+            )
+        )
         assert result.inserted_primary_key is not None
         update_id = int(result.inserted_primary_key[0])
         for key, value in values.items():
-            self.conn.execute(insert(changes).values(
-                update_id=update_id, run_id=run_id, user_id=user, key=key,
-                kind=ENTRIES[key].kind, old_value=None, new_value=value))
+            self.conn.execute(
+                insert(changes).values(
+                    update_id=update_id,
+                    run_id=run_id,
+                    user_id=user,
+                    key=key,
+                    kind=ENTRIES[key].kind,
+                    old_value=None,
+                    new_value=value,
+                )
+            )
         return update_id
 
     def mark(self, user: str, key: str, update_id: int = 0) -> None:
-        self.conn.execute(insert(uncertain_keys).values(user_id=user, key=key,
-                                                        update_id=update_id, since=T0))
+        self.conn.execute(
+            insert(uncertain_keys).values(user_id=user, key=key, update_id=update_id, since=T0)
+        )
 
 
 def marks(conn: Connection) -> list[tuple[str, str]]:
@@ -88,20 +121,28 @@ def marks(conn: Connection) -> list[tuple[str, str]]:
 
 # --- the diff ---------------------------------------------------------------------------
 
-def diff(conn: Connection, snap: list[tuple[str, str, str]], *, keys: tuple[str, ...] = (A, B, LTV),
-         failed: tuple[str, ...] = (), resync: tuple[str, ...] = ()
-         ) -> tuple[list[tuple[Any, ...]], list[int]]:
+
+def diff(
+    conn: Connection,
+    snap: list[tuple[str, str, str]],
+    *,
+    keys: tuple[str, ...] = (A, B, LTV),
+    failed: tuple[str, ...] = (),
+    resync: tuple[str, ...] = (),
+) -> tuple[list[tuple[Any, ...]], list[int]]:
     """Run the diff over `snap` rows; return its rows and the kept update ids."""
     create_temp_tables(conn)
     if snap:
         mark = "?" if conn.dialect.name == "sqlite" else "%s"
-        conn.exec_driver_sql("INSERT INTO snap (user_id, key, value) "
-                             f"VALUES ({mark}, {mark}, {mark})", snap)
+        conn.exec_driver_sql(
+            f"INSERT INTO snap (user_id, key, value) VALUES ({mark}, {mark}, {mark})", snap
+        )
     conn.exec_driver_sql("CREATE INDEX snap_user_key ON snap (user_id, key, value)")
     fill_run_keys(conn, [ENTRIES[k] for k in keys if k not in failed], failed, resync)
     fill_diff(conn)
-    rows = conn.exec_driver_sql("SELECT user_id, key, new_value, old_value, forced FROM diff "
-                                "ORDER BY user_id, key").all()
+    rows = conn.exec_driver_sql(
+        "SELECT user_id, key, new_value, old_value, forced FROM diff ORDER BY user_id, key"
+    ).all()
     kept = conn.exec_driver_sql("SELECT update_id FROM kept ORDER BY update_id").scalars().all()
     return [tuple(r) for r in rows], list(kept)
 
@@ -110,10 +151,18 @@ def diff(conn: Connection, snap: list[tuple[str, str, str]], *, keys: tuple[str,
 Case = tuple[dict[str, str], list[str], dict[str, str], list[tuple[str, str, str | None]]]
 CASES: dict[str, Case] = {
     "trait back at the acknowledged value": (
-        {LTV: "100"}, [LTV], {LTV: "100"}, [(LTV, "100", "100")]),
+        {LTV: "100"},
+        [LTV],
+        {LTV: "100"},
+        [(LTV, "100", "100")],
+    ),
     "trait at the acknowledged value, certain": ({LTV: "100"}, [], {LTV: "100"}, []),
     "trait changed and uncertain: one row": (
-        {LTV: "100"}, [LTV], {LTV: "300"}, [(LTV, "300", "100")]),
+        {LTV: "100"},
+        [LTV],
+        {LTV: "300"},
+        [(LTV, "300", "100")],
+    ),
     "trait without a value sends nothing": ({LTV: "100"}, [LTV], {}, []),
     "trait never acknowledged, without a value": ({}, [LTV], {}, []),
     "member acknowledged as one": ({A: TRUE}, [A], {A: TRUE}, [(A, TRUE, TRUE)]),
@@ -211,9 +260,17 @@ def test_a_rejected_update_of_the_uncertain_keys_current_value_keeps_blocking(en
 
 # --- the ledger ---------------------------------------------------------------------------
 
+
 def attempt(status: int | None, outcome: str, maybe: bool) -> AttemptRecord:
-    return AttemptRecord(1, T0, 1.0, status, outcome,  # type: ignore[arg-type]
-                         None, maybe_delivered=maybe)
+    return AttemptRecord(
+        1,
+        T0,
+        1.0,
+        status,
+        outcome,  # type: ignore[arg-type]
+        None,
+        maybe_delivered=maybe,
+    )
 
 
 TIMEOUT = attempt(None, "error", True)
@@ -221,17 +278,22 @@ REFUSED = attempt(None, "error", False)
 OK = attempt(200, "acknowledged", True)
 
 
-@pytest.mark.parametrize("attempts, result, uncertain", [
-    ([TIMEOUT], "pending", True),
-    ([attempt(500, "retry", True)], "pending", True),
-    ([attempt(503, "retry", False), REFUSED], "pending", False),
-    ([attempt(429, "retry", False)], "pending", False),
-    ([attempt(500, "retry", True), attempt(400, "rejected", False)], "rejected", True),
-    ([attempt(422, "rejected", False)], "rejected", False),
-    ([TIMEOUT, OK], "acknowledged", False),
-], ids=["timeout", "500", "503-refused", "429", "500-then-400", "422", "timeout-then-200"])
+@pytest.mark.parametrize(
+    "attempts, result, uncertain",
+    [
+        ([TIMEOUT], "pending", True),
+        ([attempt(500, "retry", True)], "pending", True),
+        ([attempt(503, "retry", False), REFUSED], "pending", False),
+        ([attempt(429, "retry", False)], "pending", False),
+        ([attempt(500, "retry", True), attempt(400, "rejected", False)], "rejected", True),
+        ([attempt(422, "rejected", False)], "rejected", False),
+        ([TIMEOUT, OK], "acknowledged", False),
+    ],
+    ids=["timeout", "500", "503-refused", "429", "500-then-400", "422", "timeout-then-200"],
+)
 def test_recording_an_attempt_marks_its_keys_when_it_may_have_been_delivered(
-        engine, attempts, result, uncertain):
+    engine, attempts, result, uncertain
+):
     with engine.begin() as conn:
         seed = Seed(conn)
         sent = seed.update("u1", "pending", {A: TRUE, LTV: "5"})
@@ -249,8 +311,9 @@ def test_an_acknowledgement_clears_only_the_keys_it_carries(engine):
         sent = seed.update("u1", "pending", {LTV: "7"})
         record_deliveries(conn, seed.run_id, [(sent, "acknowledged", [OK])], T0)
         assert marks(conn) == [("u1", A), ("u2", LTV)]
-        assert conn.execute(select(acked.c.value).where(acked.c.user_id == "u1")
-                            ).scalars().all() == ["7"]
+        assert conn.execute(
+            select(acked.c.value).where(acked.c.user_id == "u1")
+        ).scalars().all() == ["7"]
 
 
 def test_a_skipped_settlement_clears_the_keys_it_carries(engine):
@@ -281,8 +344,9 @@ def test_a_mark_keeps_its_since_and_names_the_newest_update(engine):
         first = seed.update("u1", "superseded", {LTV: "5"})
         second = seed.update("u1", "pending", {LTV: "6"})
         record_deliveries(conn, seed.run_id, [(first, "pending", [TIMEOUT])], T0)
-        record_deliveries(conn, seed.run_id, [(second, "pending", [TIMEOUT])],
-                          T0 + timedelta(hours=1))
+        record_deliveries(
+            conn, seed.run_id, [(second, "pending", [TIMEOUT])], T0 + timedelta(hours=1)
+        )
         (row,) = conn.execute(select(uncertain_keys)).all()
     assert (row.update_id, row.since) == (second, T0)
 
@@ -302,6 +366,7 @@ def test_updates_left_in_flight_are_marked_when_the_next_run_starts(engine):
 
 # --- the migration ------------------------------------------------------------------------
 
+
 def test_the_migration_carries_in_flight_and_maybe_delivered_updates_over(state_url):
     engine = state_engine(state_url)
     cfg = alembic_config()
@@ -310,25 +375,30 @@ def test_the_migration_carries_in_flight_and_maybe_delivered_updates_over(state_
         command.upgrade(cfg, "0004")  # the revision before uncertain_keys
     with engine.begin() as conn:
         seed = Seed(conn)
-        seed.update("u1", "pending", {A: TRUE}, in_flight=True)           # killed in flight
-        seed.update("u2", "superseded", {LTV: "200"}, maybe=True)         # then settled
+        seed.update("u1", "pending", {A: TRUE}, in_flight=True)  # killed in flight
+        seed.update("u2", "superseded", {LTV: "200"}, maybe=True)  # then settled
         seed.update("u2", "sent", {LTV: "100"})
         seed.update("u3", "superseded", {LTV: "200", B: TRUE}, maybe=True)
-        seed.update("u3", "sent", {B: FALSE})                             # settles B only
-        seed.update("u4", "rejected", {A: FALSE}, maybe=True)             # rejected later
-        seed.update("u5", "sent", {A: TRUE}, maybe=True)                  # timeout, then 200
-        seed.update("u6", "pending", {A: TRUE})                           # never attempted
-        seed.update("u7", "sent", {LTV: "1"})                             # an older ack
+        seed.update("u3", "sent", {B: FALSE})  # settles B only
+        seed.update("u4", "rejected", {A: FALSE}, maybe=True)  # rejected later
+        seed.update("u5", "sent", {A: TRUE}, maybe=True)  # timeout, then 200
+        seed.update("u6", "pending", {A: TRUE})  # never attempted
+        seed.update("u7", "sent", {LTV: "1"})  # an older ack
         seed.update("u7", "superseded", {LTV: "2"}, maybe=True)
-        seed.update("u8", "superseded", {A: TRUE}, in_flight=True)        # superseded
+        seed.update("u8", "superseded", {A: TRUE}, in_flight=True)  # superseded
     migrate(engine)
     with engine.connect() as conn:
         assert marks(conn) == [("u1", A), ("u3", LTV), ("u4", A), ("u7", LTV), ("u8", A)]
-        left = conn.execute(select(updates.c.user_id, updates.c.maybe_delivered)
-                            .where(updates.c.user_id.in_(("u1", "u8")))).all()
+        left = conn.execute(
+            select(updates.c.user_id, updates.c.maybe_delivered).where(
+                updates.c.user_id.in_(("u1", "u8"))
+            )
+        ).all()
         assert sorted(left) == [("u1", True), ("u8", True)]
-        assert conn.execute(select(updates.c.id).where(
-            updates.c.in_flight_since.is_not(None))).all() == []
+        assert (
+            conn.execute(select(updates.c.id).where(updates.c.in_flight_since.is_not(None))).all()
+            == []
+        )
     with migration_connection(engine) as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0004")
@@ -337,6 +407,7 @@ def test_the_migration_carries_in_flight_and_maybe_delivered_updates_over(state_
 
 
 # --- retention ------------------------------------------------------------------------------
+
 
 def test_pruning_keeps_every_mark_and_the_update_it_names(engine):
     with engine.begin() as conn:
@@ -348,12 +419,14 @@ def test_pruning_keeps_every_mark_and_the_update_it_names(engine):
         seed.mark("u3", A, 999_999)  # an update already gone: the mark stays anyway
         newest = seed.run()
         seed.update("u9", "sent", {LTV: "1"}, run_id=newest)
-        conn.execute(update(sync_runs).values(status="succeeded",
-                                              started_at=T0 - timedelta(days=400)))
+        conn.execute(
+            update(sync_runs).values(status="succeeded", started_at=T0 - timedelta(days=400))
+        )
     with engine.begin() as conn:
         pruned = prune(conn, datetime(2999, 1, 1, tzinfo=UTC))
         ids = set(conn.execute(select(updates.c.id)).scalars())
         assert pruned.updates == 1 and marked in ids and unmarked not in ids
         assert marks(conn) == [("u1", LTV), ("u3", A)]
-        assert conn.execute(select(changes.c.update_id).where(
-            changes.c.update_id == marked)).all() == [(marked,)]
+        assert conn.execute(
+            select(changes.c.update_id).where(changes.c.update_id == marked)
+        ).all() == [(marked,)]

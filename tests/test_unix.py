@@ -26,8 +26,14 @@ def run_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[bytes]:
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        return subprocess.run([RECONCILER, *args], stdout=writer, stderr=subprocess.PIPE,
-                              env=clean_env(), timeout=TIMEOUT, check=False)
+        return subprocess.run(
+            [RECONCILER, *args],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            timeout=TIMEOUT,
+            check=False,
+        )
     finally:
         os.close(writer)
 
@@ -41,10 +47,18 @@ def synced(setup: Setup) -> Setup:
     return setup
 
 
-@pytest.mark.parametrize("args", [("sync", "--dry-run"), ("sync", "--dry-run", "--json"),
-                                  ("history",), ("history", "--json"), ("show", "1"),
-                                  ("user", "u1")],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sync", "--dry-run"),
+        ("sync", "--dry-run", "--json"),
+        ("history",),
+        ("history", "--json"),
+        ("show", "1"),
+        ("user", "u1"),
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_a_reader_that_went_away_ends_the_command_quietly_with_141(synced, args):
     done = run_into_a_closed_pipe(*args, "--config", str(synced.tmp_path / "reconciler.toml"))
     assert (done.returncode, done.stderr.decode()) == (BROKEN_PIPE_STATUS, "")
@@ -57,10 +71,13 @@ def test_head_reading_one_line_of_a_long_output_gets_it_and_no_message(setup):
     config = setup.write()
     assert cli("sync", "--config", str(config)).exit_code == 0
     assert len(cli("show", "1", "--json", "--config", str(config)).stdout) > 10 * 65536
-    script = (f'set -o pipefail; "{RECONCILER}" show 1 --json --config "{config}" | head -1; '
-              'echo "status ${PIPESTATUS[0]}"')
-    done = subprocess.run(["bash", "-c", script], capture_output=True, env=clean_env(),
-                          timeout=TIMEOUT, check=False)
+    script = (
+        f'set -o pipefail; "{RECONCILER}" show 1 --json --config "{config}" | head -1; '
+        'echo "status ${PIPESTATUS[0]}"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", script], capture_output=True, env=clean_env(), timeout=TIMEOUT, check=False
+    )
     assert done.stdout.decode().splitlines() == ["{", f"status {BROKEN_PIPE_STATUS}"]
     assert done.stderr.decode() == ""
 
@@ -76,10 +93,22 @@ def test_a_real_run_with_its_reader_gone_is_recorded_all_the_same(synced, engine
 
 # --- --config before the command's name ---------------------------------------------
 
-@pytest.mark.parametrize("command", [["migrate"], ["sync"], ["sync", "--dry-run"],
-                                     ["history"], ["history", "--json"], ["show", "1"],
-                                     ["user", "u1"], ["prune"], ["resync"]],
-                         ids=" ".join)
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["migrate"],
+        ["sync"],
+        ["sync", "--dry-run"],
+        ["history"],
+        ["history", "--json"],
+        ["show", "1"],
+        ["user", "u1"],
+        ["prune"],
+        ["resync"],
+    ],
+    ids=" ".join,
+)
 def test_config_before_the_command_works_like_after_it(synced, command):
     config = str(synced.tmp_path / "reconciler.toml")
     before = cli("--config", config, *command)
@@ -105,8 +134,12 @@ def test_config_after_the_command_wins_over_one_before_it(synced, tmp_path):
 
 def test_config_before_the_command_wins_over_the_environment(synced, tmp_path):
     missing = tmp_path / "from-env.toml"
-    result = cli("--config", str(synced.tmp_path / "reconciler.toml"), "history",
-                 env={"RECONCILER_CONFIG": str(missing)})
+    result = cli(
+        "--config",
+        str(synced.tmp_path / "reconciler.toml"),
+        "history",
+        env={"RECONCILER_CONFIG": str(missing)},
+    )
     assert result.exit_code == 0, result.output
 
 

@@ -8,23 +8,23 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-01 10:00:00
 """
+
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0003'
-down_revision: str | None = '0002'
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('sync_runs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('resent', sa.Integer(), nullable=False,
-                                      server_default='0'))
+    with op.batch_alter_table("sync_runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("resent", sa.Integer(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('sync_runs', schema=None) as batch_op:
-        batch_op.drop_column('resent')
+    with op.batch_alter_table("sync_runs", schema=None) as batch_op:
+        batch_op.drop_column("resent")

@@ -18,24 +18,26 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-27 00:00:00
 """
+
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0005'
-down_revision: str | None = '0004'
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table('uncertain_keys',
-    sa.Column('user_id', sa.String(length=255), nullable=False),
-    sa.Column('key', sa.String(length=255), nullable=False),
-    sa.Column('update_id', sa.Integer(), nullable=False),
-    sa.Column('since', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('user_id', 'key', name=op.f('pk_uncertain_keys'))
+    op.create_table(
+        "uncertain_keys",
+        sa.Column("user_id", sa.String(length=255), nullable=False),
+        sa.Column("key", sa.String(length=255), nullable=False),
+        sa.Column("update_id", sa.Integer(), nullable=False),
+        sa.Column("since", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", "key", name=op.f("pk_uncertain_keys")),
     )
     # `since`: when the update was handed over (in flight), else its last attempt.
     op.execute("""
@@ -55,13 +57,14 @@ def upgrade() -> None:
                 AND later.user_id = c.user_id AND lc.key = c.key)
         GROUP BY c.user_id, c.key
     """)
-    op.execute("UPDATE updates SET in_flight_since = NULL, maybe_delivered = true "
-               "WHERE in_flight_since IS NOT NULL")
+    op.execute(
+        "UPDATE updates SET in_flight_since = NULL, maybe_delivered = true "
+        "WHERE in_flight_since IS NOT NULL"
+    )
     # Every run start looks for updates left in flight: an index makes that one probe.
-    op.create_index('ix_updates_in_flight_since', 'updates', ['in_flight_since'],
-                    unique=False)
+    op.create_index("ix_updates_in_flight_since", "updates", ["in_flight_since"], unique=False)
 
 
 def downgrade() -> None:
-    op.drop_index('ix_updates_in_flight_since', table_name='updates')
-    op.drop_table('uncertain_keys')
+    op.drop_index("ix_updates_in_flight_since", table_name="updates")
+    op.drop_table("uncertain_keys")

@@ -51,8 +51,14 @@ def target(ceiling: int, rate: float, fastest: float, mean: float, cpu: float) -
 class Concurrency:
     """Adapts the in-flight limit to observed latency and CPU cost, window by window."""
 
-    def __init__(self, ceiling: int, rate: float, *, clock: Callable[[], float] = time.perf_counter,
-                 cpu: Callable[[], float] = time.process_time) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu: Callable[[], float] = time.process_time,
+    ) -> None:
         self.ceiling, self.rate = ceiling, rate
         # Start at the ceiling: a slow destination is served at once, and on loopback
         # the first window (50 ms) of too many threads costs next to nothing.
@@ -72,14 +78,18 @@ class Concurrency:
             self._count += 1
             self._total += latency
             self._fastest = min(self._fastest, latency)
-            if self._count < max(WINDOW_REQUESTS, self.limit) or \
-                    self._clock() - self._since < WINDOW_SECONDS:
+            if (
+                self._count < max(WINDOW_REQUESTS, self.limit)
+                or self._clock() - self._since < WINDOW_SECONDS
+            ):
                 return None
             cost = (self._cpu() - self._cpu_since) / self._count
-            self._cost = cost if self._cost is None else (
-                SMOOTHING * cost + (1 - SMOOTHING) * self._cost)
-            limit = target(self.ceiling, self.rate, self._fastest, self._total / self._count,
-                           self._cost)
+            self._cost = (
+                cost if self._cost is None else (SMOOTHING * cost + (1 - SMOOTHING) * self._cost)
+            )
+            limit = target(
+                self.ceiling, self.rate, self._fastest, self._total / self._count, self._cost
+            )
             self._start_window()
             if limit == self.limit:
                 return None
@@ -161,8 +171,7 @@ class Handoff(Generic[T]):
     def put(self, item: T, urgent: bool = False) -> None:
         with self._ready:
             self._items.append(item)
-            if self._waiting and (urgent or len(self._items) >= self.BATCH
-                                  or self._starving()):
+            if self._waiting and (urgent or len(self._items) >= self.BATCH or self._starving()):
                 self._ready.notify()
 
     def take(self) -> list[T]:

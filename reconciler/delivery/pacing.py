@@ -45,13 +45,14 @@ class Pacer:
         self.interval = SPACING / rate if rate > 0 else 0.0
         self._sleep = sleep
         self._clock = clock
-        self._turn = threading.Lock()       # one caller at a time waits for its slot
-        self._state = threading.Lock()      # guards _paused_until; never held while sleeping
-        self._slot = -math.inf              # the next slot on the timeline
-        self._last = -math.inf              # the last admission
+        self._turn = threading.Lock()  # one caller at a time waits for its slot
+        self._state = threading.Lock()  # guards _paused_until; never held while sleeping
+        self._slot = -math.inf  # the next slot on the timeline
+        self._last = -math.inf  # the last admission
         # Admission times of the last floor(rate) callers (at least one).
         self._recent: collections.deque[float] = collections.deque(
-            maxlen=max(1, math.floor(rate)) if rate > 0 else 1)
+            maxlen=max(1, math.floor(rate)) if rate > 0 else 1
+        )
         self._paused_until = -math.inf
 
     def wait(self) -> bool:

@@ -118,20 +118,25 @@ class RetryPolicy:
     retry_after_cap: float = RETRY_AFTER_CAP
 
     @classmethod
-    def from_destination(cls, destination: Destination, *, backoff_initial: float = 0.5,
-                         backoff_max: float = 60.0) -> RetryPolicy:
+    def from_destination(
+        cls, destination: Destination, *, backoff_initial: float = 0.5, backoff_max: float = 60.0
+    ) -> RetryPolicy:
         """The policy of `[destination]` (SPEC §3); the backoff bounds are test seams."""
-        return cls(max_attempts=destination.max_attempts,
-                   budget_seconds=destination.retry_budget_seconds,
-                   backoff_initial=backoff_initial, backoff_max=backoff_max)
+        return cls(
+            max_attempts=destination.max_attempts,
+            budget_seconds=destination.retry_budget_seconds,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
 
     def backoff(self, attempt: int, jitter: float) -> float:
         """Full jitter: `jitter` (0 to 1) of min(max, initial * 2^(attempt - 1))."""
         ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt - 1, 64))
         return jitter * ceiling
 
-    def classify(self, answer: Answer, attempt: int, *, now: datetime, jitter: float,
-                 hops: int = 0) -> Verdict | Follow:
+    def classify(
+        self, answer: Answer, attempt: int, *, now: datetime, jitter: float, hops: int = 0
+    ) -> Verdict | Follow:
         """The verdict on attempt number `attempt`, whose answer was read at `now`.
 
         `jitter` is a uniform random number in [0, 1) for the backoff. Past
@@ -148,11 +153,11 @@ class RetryPolicy:
             return _redirect(answer, hops)
         if status not in RETRYABLE:
             return Rejected()
-        after = retry_after_seconds(answer.headers.get("Retry-After"), now,
-                                    self.retry_after_cap)
+        after = retry_after_seconds(answer.headers.get("Retry-After"), now, self.retry_after_cap)
         delay = after if after is not None else self.backoff(attempt, jitter)
-        return self._retry(attempt, status not in NOT_PROCESSED, delay,
-                           status == 429 or after is not None)
+        return self._retry(
+            attempt, status not in NOT_PROCESSED, delay, status == 429 or after is not None
+        )
 
     def _retry(self, attempt: int, maybe: bool, delay: float, pause: bool) -> Retry | GiveUp:
         if attempt >= self.max_attempts:
@@ -177,8 +182,9 @@ def _redirect(answer: httpx.Response, hops: int) -> Follow | Rejected:
         why = "only 307 and 308 are"
     elif hops >= MAX_REDIRECTS:
         why = f"more than {MAX_REDIRECTS} redirects"
-    elif not (target.scheme == "https"
-              or (target.scheme == "http" and is_loopback_host(target.host))):
+    elif not (
+        target.scheme == "https" or (target.scheme == "http" and is_loopback_host(target.host))
+    ):
         why = "only to https, or to http on a loopback host"
     else:
         return Follow(str(target), shown)
@@ -190,8 +196,9 @@ def give_up(retry: Retry, reason: GiveUpReason, budget_left: float | None = None
     return GiveUp(reason, retry.maybe_delivered, retry.delay, budget_left)
 
 
-def retry_after_seconds(value: str | None, now: datetime | None = None,
-                        cap: float = RETRY_AFTER_CAP) -> float | None:
+def retry_after_seconds(
+    value: str | None, now: datetime | None = None, cap: float = RETRY_AFTER_CAP
+) -> float | None:
     """Seconds to wait from a Retry-After header (seconds or HTTP date), 0 to `cap`.
 
     None when the header is absent or unreadable (the usual backoff applies then).
@@ -258,12 +265,12 @@ class AttemptRecord:
     # After a retryable answer: "retry", or why not ("max_attempts", "budget",
     # "stopping"); None after an acknowledgement or a rejection.
     decision: Decision | None = None
-    retry_in: float | None = None       # the wait taken, or the one that was not
-    budget_left: float | None = None    # with decision "budget": what the run had left
-    retry_after: str | None = None      # the Retry-After header as received (40 chars)
-    reason: str | None = None           # why a rejection, when the status does not say
-    redirects: int = 0                  # redirects followed before the final answer
-    redirected_to: str | None = None    # the last one's target, masked
+    retry_in: float | None = None  # the wait taken, or the one that was not
+    budget_left: float | None = None  # with decision "budget": what the run had left
+    retry_after: str | None = None  # the Retry-After header as received (40 chars)
+    reason: str | None = None  # why a rejection, when the status does not say
+    redirects: int = 0  # redirects followed before the final answer
+    redirected_to: str | None = None  # the last one's target, masked
 
     @property
     def error(self) -> str | None:
@@ -279,12 +286,13 @@ class AttemptRecord:
             parts.append(f"Retry-After: {self.retry_after}")
         if self.detail:
             # A rejection's error is the response excerpt itself (SPEC §5).
-            plain = self.status_code is None or (self.outcome == "rejected"
-                                                 and not self.reason)
+            plain = self.status_code is None or (self.outcome == "rejected" and not self.reason)
             parts.append(self.detail if plain else f"response: {self.detail}")
         if self.redirects:
-            parts.append(f"after {self.redirects} redirect{'s' * (self.redirects > 1)}, "
-                         f"the last to {self.redirected_to}")
+            parts.append(
+                f"after {self.redirects} redirect{'s' * (self.redirects > 1)}, "
+                f"the last to {self.redirected_to}"
+            )
         return "; ".join(parts) or None
 
 
@@ -294,8 +302,10 @@ def _decision_text(record: AttemptRecord) -> str:
     if record.decision == "max_attempts":
         why = f"max_attempts ({record.attempt}) reached"
     elif record.decision == "budget":
-        why = (f"a {record.retry_in or 0.0:.2f} s wait exceeds the run's retry budget "
-               f"({record.budget_left or 0.0:.2f} s left)")
+        why = (
+            f"a {record.retry_in or 0.0:.2f} s wait exceeds the run's retry budget "
+            f"({record.budget_left or 0.0:.2f} s left)"
+        )
     else:
         why = "the run is stopping"
     return f"not retried: {why}; stays pending"

@@ -108,14 +108,22 @@ class Sender:
     `backoff_initial` and `backoff_max`.
     """
 
-    def __init__(self, destination: Destination, *, stops: Sequence[threading.Event] = (),
-                 transport: httpx.BaseTransport | None = None,
-                 backoff_initial: float = 0.5, backoff_max: float = 60.0,
-                 clock: Clock = time.monotonic, sleep: Sleep | None = None,
-                 policy: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        destination: Destination,
+        *,
+        stops: Sequence[threading.Event] = (),
+        transport: httpx.BaseTransport | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 60.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
         self.destination = destination
         self.policy = policy or RetryPolicy.from_destination(
-            destination, backoff_initial=backoff_initial, backoff_max=backoff_max)
+            destination, backoff_initial=backoff_initial, backoff_max=backoff_max
+        )
         # Set when the caller abandons `deliver`: workers stop waiting and retrying.
         self._abandoned = threading.Event()
         self.stops = (*stops, self._abandoned)
@@ -123,16 +131,16 @@ class Sender:
         self.pacer = Pacer(destination.requests_per_second, self.sleep, clock)
         self.budget = RetryBudget(self.policy.budget_seconds)
         self.redact = Redactor(webhook_url=destination.webhook_url)
-        self.concurrency = Concurrency(destination.max_concurrency,
-                                       destination.requests_per_second)
+        self.concurrency = Concurrency(destination.max_concurrency, destination.requests_per_second)
         self._gate = Gate(self.concurrency.limit)
         self._transport = transport
         # The one place the webhook URL itself is used: as the requests' target (parsed
         # once: parsing it for every request cost 8 % of a request's CPU on loopback).
         self._webhook = httpx.URL(destination.webhook_url.reveal())
         self._tls: ssl.SSLContext | None = None
-        self._headers = httpx.Headers({"Content-Type": "application/json",
-                                       "User-Agent": user_agent()})
+        self._headers = httpx.Headers(
+            {"Content-Type": "application/json", "User-Agent": user_agent()}
+        )
         self._extensions = {"timeout": httpx.Timeout(destination.timeout_seconds).as_dict()}
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._results: Handoff[Delivery | _Failed] = Handoff(self._jobs.empty)
@@ -209,8 +217,9 @@ class Sender:
         with self._spawning:
             wanted = min(self.destination.max_concurrency, self._gate.wanted)
             while self._hiring and len(self._workers) < wanted:
-                worker = threading.Thread(target=self._work, daemon=True,
-                                          name=f"send-{len(self._workers)}")
+                worker = threading.Thread(
+                    target=self._work, daemon=True, name=f"send-{len(self._workers)}"
+                )
                 self._workers.append(worker)
                 worker.start()
 
@@ -270,8 +279,7 @@ class Sender:
                 break
         if delivery.attempts and delivery.attempts[-1].decision == "retry":
             # The retry that was decided will not happen: say so on the last attempt.
-            delivery.attempts[-1] = dataclasses.replace(delivery.attempts[-1],
-                                                        decision="stopping")
+            delivery.attempts[-1] = dataclasses.replace(delivery.attempts[-1], decision="stopping")
         return delivery
 
     def _wait(self, seconds: float) -> bool:
@@ -283,8 +291,9 @@ class Sender:
         finally:
             self._gate.step_in()
 
-    def _attempt(self, job: Job, number: int, transport: httpx.BaseTransport
-                 ) -> tuple[AttemptRecord, Verdict]:
+    def _attempt(
+        self, job: Job, number: int, transport: httpx.BaseTransport
+    ) -> tuple[AttemptRecord, Verdict]:
         """One POST (and the redirects it is sent on), judged by the policy.
 
         A retry's wait is already taken from the budget; one that does not fit comes
@@ -301,8 +310,9 @@ class Sender:
             if (limit := self.concurrency.observe(took)) is not None:
                 self._gate.resize(limit)
                 self._spawn()
-            verdict = self.policy.classify(answer, number, now=datetime.now(UTC),
-                                           jitter=random.random(), hops=hops)
+            verdict = self.policy.classify(
+                answer, number, now=datetime.now(UTC), jitter=random.random(), hops=hops
+            )
             if not isinstance(verdict, Follow):
                 break
             url, shown, hops = httpx.URL(verdict.url), verdict.shown, hops + 1
@@ -315,14 +325,16 @@ class Sender:
             verdict = give_up(verdict, "budget", budget_left)
         record = self._record(number, sent_at, round(latency * 1000, 3), answer, verdict)
         if budget_left is not None or hops:
-            record = dataclasses.replace(record, budget_left=budget_left, redirects=hops,
-                                         redirected_to=shown)
+            record = dataclasses.replace(
+                record, budget_left=budget_left, redirects=hops, redirected_to=shown
+            )
         return record, verdict
 
     def _post(self, transport: httpx.BaseTransport, url: httpx.URL, content: bytes) -> Answer:
         """POST `content` to `url`: the response, read whole, or the transport's error."""
-        request = httpx.Request("POST", url, headers=self._headers, content=content,
-                                extensions=self._extensions)
+        request = httpx.Request(
+            "POST", url, headers=self._headers, content=content, extensions=self._extensions
+        )
         try:
             response = transport.handle_request(request)
             try:
@@ -334,9 +346,14 @@ class Sender:
         response.request = request
         return response
 
-    def _record(self, number: int, sent_at: datetime, latency: float,
-                answer: httpx.Response | httpx.RequestError, verdict: Verdict
-                ) -> AttemptRecord:
+    def _record(
+        self,
+        number: int,
+        sent_at: datetime,
+        latency: float,
+        answer: httpx.Response | httpx.RequestError,
+        verdict: Verdict,
+    ) -> AttemptRecord:
         """The attempt as data: what came back, and the verdict on it."""
         status: int | None = None
         retry_after: str | None = None
@@ -359,9 +376,19 @@ class Sender:
             decision, retry_in = "retry", verdict.delay
         else:
             decision, retry_in = verdict.reason, verdict.wanted
-        return AttemptRecord(number, sent_at, latency, status, outcome, detail or None,
-                             verdict.maybe_delivered, decision, retry_in,
-                             retry_after=retry_after, reason=reason)
+        return AttemptRecord(
+            number,
+            sent_at,
+            latency,
+            status,
+            outcome,
+            detail or None,
+            verdict.maybe_delivered,
+            decision,
+            retry_in,
+            retry_after=retry_after,
+            reason=reason,
+        )
 
     def _sleep_unless_stopped(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True as soon as any stop event is set."""

@@ -53,12 +53,12 @@ class Sent:
 class _Tally:
     sent: int = 0
     failed: int = 0
-    by_kind: dict[str, dict[str, int]] = field(default_factory=lambda: {
-        kind: {"sent": 0, "failed": 0} for kind in SEND_ORDER})
+    by_kind: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {kind: {"sent": 0, "failed": 0} for kind in SEND_ORDER}
+    )
 
 
-def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams,
-                 lock: RunLock) -> Sent:
+def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams, lock: RunLock) -> Sent:
     """Send every pending update, accounts first, each kind oldest first."""
     with engine.connect() as conn:
         total = count_pending(conn)
@@ -72,8 +72,12 @@ def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams,
         )
 
         tally = _Tally()
-        with Sender(config.destination, stops=(seams.stop, lock.lost),
-                    transport=seams.transport, backoff_initial=seams.backoff_initial) as sender:
+        with Sender(
+            config.destination,
+            stops=(seams.stop, lock.lost),
+            transport=seams.transport,
+            backoff_initial=seams.backoff_initial,
+        ) as sender:
             done = 0
             for entity in SEND_ORDER:
                 # One kind at a time: the pace, the concurrency limit and the retry
@@ -100,8 +104,9 @@ def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams,
 
 
 def _pending_by_kind(conn: Connection, tally: _Tally) -> dict[str, dict[str, int]]:
-    return {kind: {**tally.by_kind[kind], "pending": count_pending(conn, kind)}
-            for kind in SEND_ORDER}
+    return {
+        kind: {**tally.by_kind[kind], "pending": count_pending(conn, kind)} for kind in SEND_ORDER
+    }
 
 
 def _jobs(conn: Connection, entity: str) -> Iterator[Job]:
@@ -118,13 +123,13 @@ def _jobs(conn: Connection, entity: str) -> Iterator[Job]:
         after = page[-1][0]
 
 
-def _flush(conn: Connection, run_id: int, batch: list[Delivery], tally: _Tally,
-           entity: str) -> int:
+def _flush(conn: Connection, run_id: int, batch: list[Delivery], tally: _Tally, entity: str) -> int:
     """Record a batch of deliveries in one transaction; acknowledgements move with them."""
     if not batch:
         return 0
-    record_deliveries(conn, run_id, [(d.job.update_id, d.result, d.attempts) for d in batch],
-                      datetime.now(UTC))
+    record_deliveries(
+        conn, run_id, [(d.job.update_id, d.result, d.attempts) for d in batch], datetime.now(UTC)
+    )
     for delivery in batch:
         if delivery.result == "acknowledged":
             tally.sent += 1

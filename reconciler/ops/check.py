@@ -40,8 +40,12 @@ from reconciler.state.db import (
 )
 
 SAMPLE_ROWS = 5
-_COLUMNS = {("contact", "audience"): ("user_id",), ("contact", "trait"): ("user_id", "value"),
-            ("customer", "audience"): ("group_id",), ("customer", "trait"): ("group_id", "value")}
+_COLUMNS = {
+    ("contact", "audience"): ("user_id",),
+    ("contact", "trait"): ("user_id", "value"),
+    ("customer", "audience"): ("group_id",),
+    ("customer", "trait"): ("group_id", "value"),
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,7 @@ class Report:
         return all(c.ok for c in self.checks)
 
 
-def check_config(path: Path, env: Mapping[str, str] = os.environ
-                 ) -> tuple[Config | None, Check]:
+def check_config(path: Path, env: Mapping[str, str] = os.environ) -> tuple[Config | None, Check]:
     """The config at `path`, and the check line saying whether it is valid."""
     try:
         config = load_config(path, env)
@@ -106,18 +109,21 @@ def _state(config: Config, report: Report) -> Check:
         engine.dispose()
     created = "; created now" if report.created else ""
     if revision != HEAD_REVISION:
-        return Check("state database", False,
-                     f"schema at revision {revision}, not {HEAD_REVISION}; upgrade reconciler "
-                     "(this database was migrated by a newer version)")
-    return Check("state database", True,
-                 f"ok ({shown_url(engine)}, schema {revision}{created})")
+        return Check(
+            "state database",
+            False,
+            f"schema at revision {revision}, not {HEAD_REVISION}; upgrade reconciler "
+            "(this database was migrated by a newer version)",
+        )
+    return Check("state database", True, f"ok ({shown_url(engine)}, schema {revision}{created})")
 
 
 def _source(config: Config) -> list[Check]:
     """The source database, then each query on it."""
     queries: list[tuple[str, str, Callable[[Connection, str, str], str]]] = [
         (entry.label, entry.query, _entry_checker(entry.entity, entry.kind))
-        for entry in config.entries]
+        for entry in config.entries
+    ]
     if config.profile_query:
         queries.append(("[profile]", config.profile_query, _profile_sample))
     if config.accounts_query:
@@ -128,9 +134,13 @@ def _source(config: Config) -> list[Check]:
     except SQLAlchemyError as exc:
         problem = str(database_error("source", engine, exc))
         engine.dispose()
-        return [Check("source database", False, problem),
-                *(Check(label, False, "not run: the source database cannot be opened")
-                  for label, _, _ in queries)]
+        return [
+            Check("source database", False, problem),
+            *(
+                Check(label, False, "not run: the source database cannot be opened")
+                for label, _, _ in queries
+            ),
+        ]
     checks = [Check("source database", True, f"ok ({shown_url(engine)}, read-only)")]
     with conn:
         for label, query, sample in queries:
@@ -139,11 +149,15 @@ def _source(config: Config) -> list[Check]:
     return checks
 
 
-def _query(conn: Connection, engine: Engine, label: str, query: str,
-           sample: Callable[[Connection, str, str], str]) -> Check:
+def _query(
+    conn: Connection,
+    engine: Engine,
+    label: str,
+    query: str,
+    sample: Callable[[Connection, str, str], str],
+) -> Check:
     # The newline ends a trailing `--` comment; a trailing `;` cannot sit in a subquery.
-    wrapped = (f"SELECT * FROM ({query.strip().rstrip(';').rstrip()}\n) AS q "
-               f"LIMIT {SAMPLE_ROWS}")
+    wrapped = f"SELECT * FROM ({query.strip().rstrip(';').rstrip()}\n) AS q LIMIT {SAMPLE_ROWS}"
     try:
         try:
             return Check(label, True, f"ok ({_read_only(conn, sample, label, wrapped)})")
@@ -163,8 +177,9 @@ def _query(conn: Connection, engine: Engine, label: str, query: str,
         conn.rollback()  # nothing to keep; and on PostgreSQL a failed query ends it
 
 
-def _read_only(conn: Connection, sample: Callable[[Connection, str, str], str], label: str,
-               query: str) -> str:
+def _read_only(
+    conn: Connection, sample: Callable[[Connection, str, str], str], label: str, query: str
+) -> str:
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
     return sample(conn, label, query)
@@ -181,6 +196,7 @@ def _entry_checker(entity: str, kind: str) -> Callable[[Connection, str, str], s
             for user_id, value in rows:
                 trait_json(label, user_id, value)
         return _described(rows, stats)
+
     return sample
 
 
@@ -198,8 +214,13 @@ def _accounts_sample(conn: Connection, label: str, query: str) -> str:
     return _described(rows, stats)
 
 
-def _rows(conn: Connection, label: str, query: str, columns: tuple[str, ...],
-          optional: tuple[str, ...] = ()) -> tuple[list[Any], ReadStats]:
+def _rows(
+    conn: Connection,
+    label: str,
+    query: str,
+    columns: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+) -> tuple[list[Any], ReadStats]:
     """The first rows, read as a run reads them, and what reading them found."""
     stats = ReadStats(columns=columns)
     chunks = read_rows(conn, label, query, columns, optional, stats)
@@ -231,34 +252,43 @@ def _webhook(config: Config, transport: httpx.BaseTransport | None) -> Check:
     shown = mask_webhook(destination.webhook_url)
     redact = config.redact
     try:
-        with httpx.Client(timeout=httpx.Timeout(destination.timeout_seconds),
-                          transport=transport,
-                          headers={"User-Agent": _user_agent()}) as client:
+        with httpx.Client(
+            timeout=httpx.Timeout(destination.timeout_seconds),
+            transport=transport,
+            headers={"User-Agent": _user_agent()},
+        ) as client:
             response, hops = _post_following(client, destination.webhook_url.reveal())
     except _RefusedRedirect as exc:
         # Masked URLs end the message: the redactor takes punctuation after one for path.
-        return Check("webhook", False,
-                     f"{shown} redirects to a URL that is neither https nor on a loopback "
-                     "host; paste the webhook URL from ChartMogul again; it redirects to "
-                     f"{mask_webhook(str(exc))}")
+        return Check(
+            "webhook",
+            False,
+            f"{shown} redirects to a URL that is neither https nor on a loopback "
+            "host; paste the webhook URL from ChartMogul again; it redirects to "
+            f"{mask_webhook(str(exc))}",
+        )
     except httpx.RequestError as exc:
         cause = cause_of(None, "error", redact(f"{type(exc).__name__}: {exc}"))
-        return Check("webhook", False,
-                     f"{shown} did not answer: {cause}; check the host name, your network "
-                     "and any proxy or firewall between here and ChartMogul")
+        return Check(
+            "webhook",
+            False,
+            f"{shown} did not answer: {cause}; check the host name, your network "
+            "and any proxy or firewall between here and ChartMogul",
+        )
     status = response.status_code
     if 200 <= status < 300:
         via = f" after {hops} redirect{'s' * (hops > 1)}" if hops else ""
-        return Check("webhook", True,
-                     f"ok ({shown} answered {status} to a POST of {{}}{via})")
+        return Check("webhook", True, f"ok ({shown} answered {status} to a POST of {{}}{via})")
     answer = cause_of(status, "rejected", redact(response.text[:500]))
     if 300 <= status < 400:
         location = response.headers.get("Location")
         where = f"; it redirects to {mask_webhook(location)}" if location else ""
         fix = f"paste the webhook URL from ChartMogul again{where}"
     elif status in (401, 403, 404, 410):
-        fix = ("ChartMogul does not accept this URL; paste the webhook URL from ChartMogul "
-               "again (the source may have been deleted or the URL mistyped)")
+        fix = (
+            "ChartMogul does not accept this URL; paste the webhook URL from ChartMogul "
+            "again (the source may have been deleted or the URL mistyped)"
+        )
     elif status in (408, 423, 429) or status >= 500:
         fix = "ChartMogul is busy or failing; try again in a few minutes"
     else:
@@ -283,7 +313,8 @@ def _post_following(client: httpx.Client, url: str) -> tuple[httpx.Response, int
         if response.status_code not in (307, 308) or not location or hops == MAX_REDIRECTS:
             return response, hops
         target = response.url.join(location)
-        if not (target.scheme == "https"
-                or (target.scheme == "http" and is_loopback_host(target.host))):
+        if not (
+            target.scheme == "https" or (target.scheme == "http" and is_loopback_host(target.host))
+        ):
             raise _RefusedRedirect(str(target))
         url, hops = str(target), hops + 1

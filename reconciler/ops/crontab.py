@@ -63,5 +63,9 @@ def cron_trigger(expression: str, timezone: tzinfo) -> Any:
     common = {"minute": minute, "hour": hour, "month": month, "timezone": timezone}
     if day.startswith("*") or weekday.startswith("*"):
         return CronTrigger(day=day, day_of_week=day_of_week(weekday), **common)
-    return OrTrigger([CronTrigger(day=day, day_of_week="*", **common),
-                      CronTrigger(day="*", day_of_week=day_of_week(weekday), **common)])
+    return OrTrigger(
+        [
+            CronTrigger(day=day, day_of_week="*", **common),
+            CronTrigger(day="*", day_of_week=day_of_week(weekday), **common),
+        ]
+    )

@@ -57,13 +57,21 @@ def require_schedule(config: Config) -> Schedule:
     """The `[schedule]` the daemon runs on, or a ConfigError saying how to fix it."""
     schedule = config.schedule
     if schedule is None or (schedule.interval_minutes is None and schedule.cron is None):
-        raise ConfigError(config.path, "[schedule]", "is missing; `reconciler daemon` needs it",
-                          'add [schedule] with interval_minutes = 120 or cron = "0 */2 * * *"')
+        raise ConfigError(
+            config.path,
+            "[schedule]",
+            "is missing; `reconciler daemon` needs it",
+            'add [schedule] with interval_minutes = 120 or cron = "0 */2 * * *"',
+        )
     try:
         trigger_for(schedule)
     except ValueError as exc:
-        raise ConfigError(config.path, "[schedule] cron", f'"{schedule.cron}" is invalid ({exc})',
-                          'use five fields, e.g. "0 */2 * * *"') from None
+        raise ConfigError(
+            config.path,
+            "[schedule] cron",
+            f'"{schedule.cron}" is invalid ({exc})',
+            'use five fields, e.g. "0 */2 * * *"',
+        ) from None
     return schedule
 
 
@@ -84,19 +92,29 @@ def describe(schedule: Schedule) -> str:
     return f"every {int(minutes) if minutes.is_integer() else minutes} minutes"
 
 
-def build_scheduler(schedule: Schedule, job: Callable[[], Any],
-                    first_run_at: datetime) -> BlockingScheduler:
+def build_scheduler(
+    schedule: Schedule, job: Callable[[], Any], first_run_at: datetime
+) -> BlockingScheduler:
     """The scheduler with its one job; the first run is due at `first_run_at`."""
-    scheduler = BlockingScheduler(timezone=UTC,
-                                  executors={"default": ThreadPoolExecutor(max_workers=1)})
-    scheduler.add_job(job, trigger_for(schedule), id=JOB_ID, name="reconciler sync",
-                      coalesce=True, max_instances=1,
-                      misfire_grace_time=MISFIRE_GRACE_SECONDS, next_run_time=first_run_at)
+    scheduler = BlockingScheduler(
+        timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
+    )
+    scheduler.add_job(
+        job,
+        trigger_for(schedule),
+        id=JOB_ID,
+        name="reconciler sync",
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=MISFIRE_GRACE_SECONDS,
+        next_run_time=first_run_at,
+    )
     return scheduler
 
 
-def run_once(config: Config, engine: Engine, seams: Seams | None = None,
-             metrics: Metrics | None = None) -> RunResult | None:
+def run_once(
+    config: Config, engine: Engine, seams: Seams | None = None, metrics: Metrics | None = None
+) -> RunResult | None:
     """The job body: one scheduled sync, one log line; never raises. None when no run
     finished. The daemon never accepts exits on its own (SPEC §10)."""
     seams = seams or Seams()
@@ -106,8 +124,9 @@ def run_once(config: Config, engine: Engine, seams: Seams | None = None,
     try:
         result = sync(config, engine, SCHEDULED, seams)
     except LockHeld as exc:
-        log.info("tick skipped: %s", exc, extra={"fields": {"event": "skipped",
-                                                             "reason": str(exc)}})
+        log.info(
+            "tick skipped: %s", exc, extra={"fields": {"event": "skipped", "reason": str(exc)}}
+        )
         if metrics:
             metrics.lock_skips.inc()
         return None
@@ -117,9 +136,19 @@ def run_once(config: Config, engine: Engine, seams: Seams | None = None,
             message = str(exc)
         else:  # a bug: keep the traceback, secret-free
             message = config.redact("".join(traceback.format_exception(exc)).strip())
-        log.error("%s", message, extra={"fields": {
-            "event": "run", "status": "failed", "trigger": SCHEDULED.trigger,
-            "duration_seconds": round(seconds, 3), "error": message}})
+        log.error(
+            "%s",
+            message,
+            extra={
+                "fields": {
+                    "event": "run",
+                    "status": "failed",
+                    "trigger": SCHEDULED.trigger,
+                    "duration_seconds": round(seconds, 3),
+                    "error": message,
+                }
+            },
+        )
         if metrics:
             metrics.run_failed(seconds)
         return None
@@ -132,10 +161,13 @@ def run_once(config: Config, engine: Engine, seams: Seams | None = None,
 
 def _log_run(result: RunResult, trigger: str, seconds: float) -> None:
     message = run_line(result, seconds)
-    fields = {"event": "run", "trigger": trigger, "duration_seconds": round(seconds, 3),
-              **result.as_dict()}
-    level = {"succeeded": logging.INFO, "halted": logging.ERROR}.get(result.status,
-                                                                     logging.WARNING)
+    fields = {
+        "event": "run",
+        "trigger": trigger,
+        "duration_seconds": round(seconds, 3),
+        **result.as_dict(),
+    }
+    level = {"succeeded": logging.INFO, "halted": logging.ERROR}.get(result.status, logging.WARNING)
     log.log(level, "%s", message, extra={"fields": fields})
 
 
@@ -160,12 +192,19 @@ def run_daemon(config: Config, engine: Engine) -> None:
         options.stopped_by = options.stopped_by or received[0]
         options.stop.set()
 
-    watcher = threading.Thread(target=_stop_when_asked, name="stop-watcher", daemon=True,
-                               args=(scheduler, options.stop, started, received))
+    watcher = threading.Thread(
+        target=_stop_when_asked,
+        name="stop-watcher",
+        daemon=True,
+        args=(scheduler, options.stop, started, received),
+    )
     watcher.start()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    log.info("daemon started: %s; first run now", describe(schedule),
-             extra={"fields": {"event": "started"}})
+    log.info(
+        "daemon started: %s; first run now",
+        describe(schedule),
+        extra={"fields": {"event": "started"}},
+    )
     try:
         scheduler.start()
         watcher.join()
@@ -177,17 +216,23 @@ def run_daemon(config: Config, engine: Engine) -> None:
     log.info("daemon stopped", extra={"fields": {"event": "stopped"}})
 
 
-def _stop_when_asked(scheduler: BlockingScheduler, stop: threading.Event,
-                     started: threading.Event, received: list[str]) -> None:
+def _stop_when_asked(
+    scheduler: BlockingScheduler,
+    stop: threading.Event,
+    started: threading.Event,
+    received: list[str],
+) -> None:
     stop.wait()
-    log.info("%s received: stopping once the run in progress has recorded its deliveries",
-             received[0] if received else "stop", extra={"fields": {"event": "stopping"}})
+    log.info(
+        "%s received: stopping once the run in progress has recorded its deliveries",
+        received[0] if received else "stop",
+        extra={"fields": {"event": "stopping"}},
+    )
     started.wait()
     scheduler.shutdown(wait=True)  # waits for the job; then `start()` returns
 
 
-def _start_metrics(config: Config, engine: Engine,
-                   metrics: Metrics) -> Callable[[], None] | None:
+def _start_metrics(config: Config, engine: Engine, metrics: Metrics) -> Callable[[], None] | None:
     port, host = config.daemon.metrics_port, config.daemon.metrics_host
     if port is None:
         return None
@@ -198,10 +243,17 @@ def _start_metrics(config: Config, engine: Engine,
     try:
         stop = serve(metrics, host, port)
     except OSError as exc:
-        raise ConfigError(config.path, "[daemon] metrics_port",
-                          f"cannot listen on {host}:{port} ({exc.strerror or exc})",
-                          "choose a free port, or stop what listens there") from None
+        raise ConfigError(
+            config.path,
+            "[daemon] metrics_port",
+            f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+            "choose a free port, or stop what listens there",
+        ) from None
     # Not written as a URL: the log redaction masks every URL's path.
-    log.info("serving metrics on %s port %d, path /metrics", host, port,
-             extra={"fields": {"event": "metrics", "host": host, "port": port}})
+    log.info(
+        "serving metrics on %s port %d, path /metrics",
+        host,
+        port,
+        extra={"fields": {"event": "metrics", "host": host, "port": port}},
+    )
     return stop

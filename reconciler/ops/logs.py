@@ -39,8 +39,9 @@ def configure(log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                 "%Y-%m-%dT%H:%M:%SZ")
+        text = logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ"
+        )
         text.converter = time.gmtime  # UTC, like every other time reconciler shows
         handler.setFormatter(text)
     root = logging.getLogger()

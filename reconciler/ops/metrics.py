@@ -40,31 +40,52 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.runs = Counter("reconciler_runs", "Runs finished, by status.", ["status"],
-                            registry=self.registry)
-        self.updates = Counter("reconciler_updates", "Updates by outcome and kind.",
-                               ["outcome", "kind"], registry=self.registry)
-        self.lock_skips = Counter("reconciler_lock_skips",
-                                  "Ticks skipped because another run held the lock.",
-                                  registry=self.registry)
-        self.pending = Gauge("reconciler_pending_updates",
-                             "Updates not yet acknowledged, retried by the next run.",
-                             ["kind"], registry=self.registry)
-        self.last_success = Gauge("reconciler_last_success_timestamp_seconds",
-                                  "When the newest succeeded run finished (Unix time).",
-                                  registry=self.registry)
-        self.duration = Histogram("reconciler_run_duration_seconds", "Run wall time.",
-                                  buckets=DURATION_BUCKETS, registry=self.registry)
-        self.snapshot_users = Gauge("reconciler_snapshot_users",
-                                    "Distinct users in the newest snapshot.",
-                                    registry=self.registry)
+        self.runs = Counter(
+            "reconciler_runs", "Runs finished, by status.", ["status"], registry=self.registry
+        )
+        self.updates = Counter(
+            "reconciler_updates",
+            "Updates by outcome and kind.",
+            ["outcome", "kind"],
+            registry=self.registry,
+        )
+        self.lock_skips = Counter(
+            "reconciler_lock_skips",
+            "Ticks skipped because another run held the lock.",
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "reconciler_pending_updates",
+            "Updates not yet acknowledged, retried by the next run.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "reconciler_last_success_timestamp_seconds",
+            "When the newest succeeded run finished (Unix time).",
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "reconciler_run_duration_seconds",
+            "Run wall time.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.snapshot_users = Gauge(
+            "reconciler_snapshot_users",
+            "Distinct users in the newest snapshot.",
+            registry=self.registry,
+        )
         self.halted_audiences = Gauge(
             "reconciler_halted_audiences",
             "Audiences whose exits halted the newest run (safety guard); 0 if not halted.",
-            registry=self.registry)
-        self.snapshot_accounts = Gauge("reconciler_snapshot_accounts",
-                                       "Distinct accounts in the newest snapshot.",
-                                       registry=self.registry)
+            registry=self.registry,
+        )
+        self.snapshot_accounts = Gauge(
+            "reconciler_snapshot_accounts",
+            "Distinct accounts in the newest snapshot.",
+            registry=self.registry,
+        )
         for status in STATUSES:
             self.runs.labels(status)
         for kind in KINDS:
@@ -76,15 +97,22 @@ class Metrics:
         """Start the gauges from what the state database already knows."""
         with engine.connect() as conn:
             pending: dict[str, int] = {
-                str(kind): int(count) for kind, count in conn.execute(
-                    select(updates.c.entity, func.count()).where(
-                        updates.c.status == "pending").group_by(updates.c.entity))}
-            last_success = conn.execute(select(func.max(sync_runs.c.finished_at)).where(
-                sync_runs.c.status == "succeeded")).scalar()
-            newest = conn.execute(select(sync_runs.c.users_seen, sync_runs.c.accounts_seen)
-                                  .where(sync_runs.c.status != "running",
-                                         sync_runs.c.snapshot_at.is_not(None))
-                                  .order_by(sync_runs.c.id.desc()).limit(1)).first()
+                str(kind): int(count)
+                for kind, count in conn.execute(
+                    select(updates.c.entity, func.count())
+                    .where(updates.c.status == "pending")
+                    .group_by(updates.c.entity)
+                )
+            }
+            last_success = conn.execute(
+                select(func.max(sync_runs.c.finished_at)).where(sync_runs.c.status == "succeeded")
+            ).scalar()
+            newest = conn.execute(
+                select(sync_runs.c.users_seen, sync_runs.c.accounts_seen)
+                .where(sync_runs.c.status != "running", sync_runs.c.snapshot_at.is_not(None))
+                .order_by(sync_runs.c.id.desc())
+                .limit(1)
+            ).first()
         for kind in KINDS:
             self.pending.labels(kind).set(pending.get(kind, 0))
         if last_success is not None:
@@ -127,4 +155,5 @@ def serve(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
         server.shutdown()
         server.server_close()
         thread.join()
+
     return stop

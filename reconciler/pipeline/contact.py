@@ -16,8 +16,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 ACTION_TYPE = "Send Contact"
-CONTACT_FIELDS = ("anonymous_id", "email", "first_name", "last_name", "name", "title",
-                  "phone", "linked_in", "twitter")
+CONTACT_FIELDS = (
+    "anonymous_id",
+    "email",
+    "first_name",
+    "last_name",
+    "name",
+    "title",
+    "phone",
+    "linked_in",
+    "twitter",
+)
 # A body needs more than type, message_id, timestamp, sent_at and one id to say anything.
 MIN_KEYS = 6
 SKIP_NO_ID = "no user_id or anonymous_id"
@@ -48,9 +57,14 @@ class Contact:
     left_out: tuple[str, ...] = ()  # the fields that failed validation: email, linked_in
 
 
-def build_contact(message_id: str, observed_at: datetime, user_id: str | None,
-                  profile: Mapping[str, str], changed: Sequence[tuple[str, Any]],
-                  custom_attributes: bool) -> Contact:
+def build_contact(
+    message_id: str,
+    observed_at: datetime,
+    user_id: str | None,
+    profile: Mapping[str, str],
+    changed: Sequence[tuple[str, Any]],
+    custom_attributes: bool,
+) -> Contact:
     """The body for one update; `changed` is (key, value) in key order.
 
     Promises: only the keys of SPEC §5; no null or blank value anywhere; `company` only
@@ -89,8 +103,9 @@ def build_contact(message_id: str, observed_at: datetime, user_id: str | None,
     elif len(body) + 1 < MIN_KEYS:  # + 1: sent_at, added when sending
         skip = SKIP_EMPTY
     note = "; ".join(_NOTES[field] for field in left_out) or None
-    return Contact(json.dumps(body, ensure_ascii=False, separators=(",", ":")), skip, note,
-                   tuple(left_out))
+    return Contact(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")), skip, note, tuple(left_out)
+    )
 
 
 def _present(value: Any) -> bool:
@@ -111,8 +126,9 @@ _ATEXT = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOMAIN_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
 # No length limits and at least one dot in the domain: `jane@acme.local` is valid,
 # `jane@localhost`, `josé@acme.com` and `a..b@acme.com` are not.
-_EMAIL = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_DOMAIN_LABEL}\.)+{_DOMAIN_LABEL}",
-                    re.IGNORECASE | re.ASCII)
+_EMAIL = re.compile(
+    rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_DOMAIN_LABEL}\.)+{_DOMAIN_LABEL}", re.IGNORECASE | re.ASCII
+)
 
 # RFC 3986 `URI` (a scheme is required; no relative references), as ajv-formats writes it.
 _PCT = r"%[0-9a-f]{2}"
@@ -122,32 +138,43 @@ _H16 = r"[0-9a-f]{1,4}"
 _DEC_OCTET = r"(?:25[0-5]|2[0-4]\d|[01]?\d\d?)"
 _IPV4 = rf"(?:{_DEC_OCTET}\.){{3}}{_DEC_OCTET}"
 _LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
-_IPV6 = "|".join((
-    "(?:" + "|".join((
-        rf"(?:{_H16}:){{6}}",
-        rf"::(?:{_H16}:){{5}}",
-        rf"(?:{_H16})?::(?:{_H16}:){{4}}",
-        rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}",
-        rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}",
-        rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:",
-        rf"(?:(?:{_H16}:){{0,4}}{_H16})?::",
-    )) + f"){_LS32}",
-    rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
-    rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
-))
+_IPV6 = "|".join(
+    (
+        "(?:"
+        + "|".join(
+            (
+                rf"(?:{_H16}:){{6}}",
+                rf"::(?:{_H16}:){{5}}",
+                rf"(?:{_H16})?::(?:{_H16}:){{4}}",
+                rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}",
+                rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}",
+                rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:",
+                rf"(?:(?:{_H16}:){{0,4}}{_H16})?::",
+            )
+        )
+        + f"){_LS32}",
+        rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+    )
+)
 _IP_LITERAL = rf"\[(?:{_IPV6}|[Vv][0-9a-f]+\.[{_UNRESERVED_SUB}:]+)\]"
 _REG_NAME = rf"(?:[{_UNRESERVED_SUB}]|{_PCT})*"
 _USERINFO = rf"(?:[{_UNRESERVED_SUB}:]|{_PCT})*@"
 _SEGMENTS = rf"(?:/{_PCHAR}*)*"
-_HIER_PART = "|".join((
-    # ajv accepts one slash as well as two before an authority.
-    rf"/?/(?:{_USERINFO})?(?:{_IP_LITERAL}|{_IPV4}|{_REG_NAME})(?::\d*)?{_SEGMENTS}",
-    rf"/(?:{_PCHAR}+{_SEGMENTS})?",
-    rf"{_PCHAR}+{_SEGMENTS}",
-))
+_HIER_PART = "|".join(
+    (
+        # ajv accepts one slash as well as two before an authority.
+        rf"/?/(?:{_USERINFO})?(?:{_IP_LITERAL}|{_IPV4}|{_REG_NAME})(?::\d*)?{_SEGMENTS}",
+        rf"/(?:{_PCHAR}+{_SEGMENTS})?",
+        rf"{_PCHAR}+{_SEGMENTS}",
+    )
+)
 _QUERY_OR_FRAGMENT = rf"(?:[{_UNRESERVED_SUB}:@/?]|{_PCT})*"
-_URI = re.compile(rf"[a-z][a-z0-9+\-.]*:(?:{_HIER_PART})(?:\?{_QUERY_OR_FRAGMENT})?"
-                  rf"(?:#{_QUERY_OR_FRAGMENT})?", re.IGNORECASE | re.ASCII)
+_URI = re.compile(
+    rf"[a-z][a-z0-9+\-.]*:(?:{_HIER_PART})(?:\?{_QUERY_OR_FRAGMENT})?"
+    rf"(?:#{_QUERY_OR_FRAGMENT})?",
+    re.IGNORECASE | re.ASCII,
+)
 
 
 def is_valid_email(address: str) -> bool:

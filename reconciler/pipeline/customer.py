@@ -21,8 +21,7 @@ from reconciler.pipeline.contact import is_valid_email, iso_millis
 ACTION_TYPE = "Send Customer"
 TEXT_FIELDS = ("name", "description")
 ADDRESS_FIELDS = ("street", "city", "state", "postal_code", "country")
-SKIP_NO_USER_ID = ("no user_id: the account has no row with a user_id in the [accounts] "
-                   "query")
+SKIP_NO_USER_ID = "no user_id: the account has no row with a user_id in the [accounts] query"
 SKIP_NO_GROUP_ID = "no group_id"
 NOTE_EMAIL = "email is not a valid address; left out of the body"
 NOTE_WEBSITE = "website is not a URI reference; left out of the body"
@@ -43,9 +42,15 @@ class Customer:
     left_out: tuple[str, ...] = ()  # the fields that failed validation
 
 
-def build_customer(message_id: str, observed_at: datetime, group_id: str | None,
-                   user_id: str | None, fields: Mapping[str, str],
-                   changed: Sequence[tuple[str, Any]], custom_attributes: bool) -> Customer:
+def build_customer(
+    message_id: str,
+    observed_at: datetime,
+    group_id: str | None,
+    user_id: str | None,
+    fields: Mapping[str, str],
+    changed: Sequence[tuple[str, Any]],
+    custom_attributes: bool,
+) -> Customer:
     """The body for one account update; `changed` is (key, value) of the changed account
     audiences and traits, in key order.
 
@@ -99,8 +104,12 @@ def build_customer(message_id: str, observed_at: datetime, group_id: str | None,
         skip = SKIP_NO_USER_ID
     elif "group_id" not in body:
         skip = SKIP_NO_GROUP_ID
-    return Customer(json.dumps(body, ensure_ascii=False, separators=(",", ":")), skip,
-                    "; ".join(notes) or None, tuple(left_out))
+    return Customer(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        skip,
+        "; ".join(notes) or None,
+        tuple(left_out),
+    )
 
 
 def _present(value: Any) -> bool:

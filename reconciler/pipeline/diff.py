@@ -35,9 +35,13 @@ from reconciler.state.backend import Backend
 from reconciler.state.schema import ENTITIES
 
 
-def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str],
-                  resync_keys: Collection[str],
-                  fields: Collection[tuple[str, str]] = ()) -> None:
+def fill_run_keys(
+    state: Connection,
+    loaded: list[Entry],
+    failed: Collection[str],
+    resync_keys: Collection[str],
+    fields: Collection[tuple[str, str]] = (),
+) -> None:
     """The keys this run diffs (and which of them a resync forces), as a temp table.
 
     `fields` are the (entity, key) of the record fields diffed (fields.py). A failed
@@ -46,7 +50,8 @@ def fill_run_keys(state: Connection, loaded: list[Entry], failed: Collection[str
     db = Backend(state)
     state.exec_driver_sql("DELETE FROM run_keys")
     rows: list[tuple[str, str, int, int, str]] = [
-        (e.key, e.kind, int(e.key in resync_keys), 0, e.entity) for e in loaded]
+        (e.key, e.kind, int(e.key in resync_keys), 0, e.entity) for e in loaded
+    ]
     rows += [(key, "field", int(key in resync_keys), 0, entity) for entity, key in fields]
     rows += [(key, "", 0, 1, entity) for key in failed for entity in ENTITIES]
     if rows:
@@ -70,8 +75,9 @@ def fill_diff(state: Connection) -> None:
     # and an account rarely share; a narrower index builds faster.
     state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
     _fill_kept(state)
-    state.exec_driver_sql("DELETE FROM diff WHERE (entity, user_id) IN "
-                          "(SELECT entity, user_id FROM kept)")
+    state.exec_driver_sql(
+        "DELETE FROM diff WHERE (entity, user_id) IN (SELECT entity, user_id FROM kept)"
+    )
     db.analyze("diff")
 
 

@@ -45,8 +45,7 @@ def field_keys(config: Config) -> list[tuple[str, str]]:
     """(entity, key) of every field this config diffs."""
     keys: list[tuple[str, str]] = []
     if config.accounts_query:
-        keys += [("customer", f"{FIELD_PREFIX}{name}")
-                 for name in ("group_id", *ACCOUNT_FIELDS)]
+        keys += [("customer", f"{FIELD_PREFIX}{name}") for name in ("group_id", *ACCOUNT_FIELDS)]
     if config.profile_send_changes and config.profile_query:
         keys += [("contact", f"{FIELD_PREFIX}{name}") for name in PROFILE_FIELDS]
     return keys
@@ -56,8 +55,7 @@ def is_field(key: str) -> bool:
     return key.startswith(FIELD_PREFIX)
 
 
-def account_fields(group_id: str, names: Sequence[str], values: Sequence[Any]
-                   ) -> dict[str, str]:
+def account_fields(group_id: str, names: Sequence[str], values: Sequence[Any]) -> dict[str, str]:
     """The non-blank fields of one accounts row, each as the text it is sent as.
 
     Numbers become their text, an integral float as an integer (`75001.0` → "75001");
@@ -98,8 +96,9 @@ def load_accounts(query: str, source: Connection, state: Connection) -> int:
     from reconciler.pipeline.snapshot import _load  # here: snapshot.py imports this module
 
     stats = ReadStats()
-    _load(state, "account_raw", ("group_id", "user_id", "data"),
-          _account_rows(source, query, stats))
+    _load(
+        state, "account_raw", ("group_id", "user_id", "data"), _account_rows(source, query, stats)
+    )
     # "Smallest user_id as text": code point order on both backends (PostgreSQL's
     # default collation would follow the locale); rows without a user_id come last.
     db = Backend(state)
@@ -120,11 +119,11 @@ def load_accounts(query: str, source: Connection, state: Connection) -> int:
     return stats.ignored
 
 
-def _account_rows(source: Connection, query: str,
-                  stats: ReadStats) -> Iterable[list[tuple[Any, ...]]]:
+def _account_rows(
+    source: Connection, query: str, stats: ReadStats
+) -> Iterable[list[tuple[Any, ...]]]:
     """(group_id, user_id or None, JSON object of the fields, group_id included)."""
-    for chunk in read_rows(source, ACCOUNTS, query, ("group_id", "user_id"), ACCOUNT_FIELDS,
-                           stats):
+    for chunk in read_rows(source, ACCOUNTS, query, ("group_id", "user_id"), ACCOUNT_FIELDS, stats):
         names = stats.columns[2:]
         rows = []
         for group_id, user_id, *values in chunk:
@@ -133,8 +132,7 @@ def _account_rows(source: Connection, query: str,
             except Unrepresentable as exc:
                 raise SourceEntryError(ACCOUNTS, f'account "{group_id}": {exc}') from None
             data = {"group_id": group_id, **account_fields(group_id, names, values)}
-            rows.append((group_id, user,
-                         json.dumps(data, sort_keys=True, ensure_ascii=False)))
+            rows.append((group_id, user, json.dumps(data, sort_keys=True, ensure_ascii=False)))
         yield rows
 
 

@@ -48,8 +48,10 @@ def resolve_accepted(config: Config, requested: Sequence[str]) -> frozenset[str]
         return frozenset(keys)
     unknown = [key for key in requested if key not in keys]
     if unknown:
-        raise UsageError(f'--accept-exits: unknown audience key "{unknown[0]}"; audience '
-                         f'keys: {", ".join(keys) or "none"} (or all)')
+        raise UsageError(
+            f'--accept-exits: unknown audience key "{unknown[0]}"; audience '
+            f"keys: {', '.join(keys) or 'none'} (or all)"
+        )
     return frozenset(requested)
 
 
@@ -67,12 +69,18 @@ class Trip:
         return max(self.exits * 100 // self.members, 1 if self.exits else 0)
 
     def describe(self) -> str:
-        return (f"{self.key} would lose {self.exits} of {self.members} acknowledged members "
-                f"({self.percent} %)")
+        return (
+            f"{self.key} would lose {self.exits} of {self.members} acknowledged members "
+            f"({self.percent} %)"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "exits": self.exits, "members": self.members,
-                "percent": self.percent}
+        return {
+            "key": self.key,
+            "exits": self.exits,
+            "members": self.members,
+            "percent": self.percent,
+        }
 
 
 @dataclass(frozen=True)
@@ -93,19 +101,24 @@ class Verdict:
         <command> --accept-exits <key> [--accept-exits <key> ...]`."""
         which = "its query" if len(self.tripped) == 1 else "their queries"
         accept = " ".join(f"--accept-exits {t.key}" for t in self.tripped)
-        return (", ".join(t.describe() for t in self.tripped)
-                + f"; check {which}, or run {command} {accept}")
+        return (
+            ", ".join(t.describe() for t in self.tripped)
+            + f"; check {which}, or run {command} {accept}"
+        )
 
     def message(self, command: str = "reconciler sync") -> str:
         """The `error` of a halted run (SPEC §10)."""
         return f"halted: {self.explanation(command)}"
 
     def as_dict(self, command: str = "reconciler sync") -> dict[str, Any]:
-        return {"halted": self.halted, "max_exit_share": self.max_exit_share,
-                "min_members": self.min_members,
-                "tripped": [t.as_dict() for t in self.tripped],
-                "accepted": [t.as_dict() for t in self.accepted],
-                "message": self.message(command) if self.halted else None}
+        return {
+            "halted": self.halted,
+            "max_exit_share": self.max_exit_share,
+            "min_members": self.min_members,
+            "tripped": [t.as_dict() for t in self.tripped],
+            "accepted": [t.as_dict() for t in self.accepted],
+            "message": self.message(command) if self.halted else None,
+        }
 
 
 def proceed_command(trigger: str, resync_label: str | None) -> str:
@@ -117,8 +130,9 @@ def proceed_command(trigger: str, resync_label: str | None) -> str:
     return "reconciler resync"
 
 
-def check(state: Connection, safety: Safety, keys: Collection[str],
-          accepted: Collection[str] = ()) -> Verdict:
+def check(
+    state: Connection, safety: Safety, keys: Collection[str], accepted: Collection[str] = ()
+) -> Verdict:
     """Judge the diff on `state` (its temp `diff` table) against `acked`; reads only."""
     empty = Verdict(safety.max_exit_share, safety.min_members)
     share = Fraction(str(safety.max_exit_share))  # exact: 0.57 * 100 is 57, not 56.99...
@@ -127,21 +141,26 @@ def check(state: Connection, safety: Safety, keys: Collection[str],
     exits = _exits(state, sorted(keys))
     # An audience below min_members is not guarded, so only exits above the share of
     # min_members can trip: the common run (few exits) never counts members at all.
-    candidates = sorted(key for key, count in exits.items()
-                        if count > share * safety.min_members)
+    candidates = sorted(key for key, count in exits.items() if count > share * safety.min_members)
     if not candidates:
         return empty
     members = _members(state, candidates)
-    over = [Trip(key, exits[key], members.get(key, 0)) for key in candidates
-            if members.get(key, 0) >= safety.min_members
-            and exits[key] > share * members[key]]
-    return Verdict(safety.max_exit_share, safety.min_members,
-                   tripped=tuple(t for t in over if t.key not in accepted),
-                   accepted=tuple(t for t in over if t.key in accepted))
+    over = [
+        Trip(key, exits[key], members.get(key, 0))
+        for key in candidates
+        if members.get(key, 0) >= safety.min_members and exits[key] > share * members[key]
+    ]
+    return Verdict(
+        safety.max_exit_share,
+        safety.min_members,
+        tripped=tuple(t for t in over if t.key not in accepted),
+        accepted=tuple(t for t in over if t.key in accepted),
+    )
 
 
 def _exits(state: Connection, keys: list[str]) -> dict[str, int]:
-    rows = state.execute(text(f"""
+    rows = state.execute(
+        text(f"""
         SELECT d.key, COUNT(*) FROM diff AS d
         WHERE d.key IN :keys AND d.new_value = '{FALSE}' AND d.old_value = '{TRUE}'
           AND NOT EXISTS (
@@ -149,13 +168,18 @@ def _exits(state: Connection, keys: list[str]) -> dict[str, int]:
             WHERE c.user_id = d.user_id AND c.key = d.key AND c.new_value = '{FALSE}'
               AND u.status = 'pending')
         GROUP BY d.key
-    """).bindparams(bindparam("keys", expanding=True)), {"keys": keys})
+    """).bindparams(bindparam("keys", expanding=True)),
+        {"keys": keys},
+    )
     return {str(key): int(count) for key, count in rows}
 
 
 def _members(state: Connection, keys: list[str]) -> dict[str, int]:
-    rows = state.execute(text(f"""
+    rows = state.execute(
+        text(f"""
         SELECT key, COUNT(*) FROM acked WHERE key IN :keys AND value = '{TRUE}'
         GROUP BY key
-    """).bindparams(bindparam("keys", expanding=True)), {"keys": keys})
+    """).bindparams(bindparam("keys", expanding=True)),
+        {"keys": keys},
+    )
     return {str(key): int(count) for key, count in rows}

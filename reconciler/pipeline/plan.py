@@ -30,8 +30,13 @@ from reconciler.state.backend import Backend
 BATCH = 5_000
 
 
-def message_id(user_id: str, version: int, resync_run_id: int | None,
-               changed: Sequence[tuple[str, str]], entity: str = "contact") -> str:
+def message_id(
+    user_id: str,
+    version: int,
+    resync_run_id: int | None,
+    changed: Sequence[tuple[str, str]],
+    entity: str = "contact",
+) -> str:
     """The id of one logical update: same user, keys, values, version, resync ⇒ same id.
 
     `changed` holds (key, canonical JSON value) pairs in key order. Keys are
@@ -41,8 +46,12 @@ def message_id(user_id: str, version: int, resync_run_id: int | None,
     contact's first part (`<length>:<id>`) can equal; a contact's ids are what they
     were before accounts existed.
     """
-    parts = (f"{len(user_id)}:{user_id}", str(version), str(resync_run_id),
-             *(f"{key}={value}" for key, value in changed))
+    parts = (
+        f"{len(user_id)}:{user_id}",
+        str(version),
+        str(resync_run_id),
+        *(f"{key}={value}" for key, value in changed),
+    )
     if entity != "contact":
         parts = (entity, *parts)
     canonical = "\x1f".join(parts)
@@ -75,22 +84,39 @@ def count_diff(state: Connection) -> PlanCounts:
                SUM(CASE WHEN kind = 'audience' AND new_value <> '{TRUE}' THEN 1 ELSE 0 END),
                SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
         FROM diff""").one()
-    skipped = state.exec_driver_sql("""
+    skipped = (
+        state.exec_driver_sql("""
         SELECT COUNT(*) FROM (SELECT DISTINCT d.user_id FROM diff AS d
                               LEFT JOIN accounts AS a ON a.group_id = d.user_id
                               WHERE d.entity = 'customer' AND a.user_id IS NULL) AS s
-    """).scalar_one() if accounts else 0
-    return PlanCounts(users=users, accounts=accounts, entered=entered or 0,
-                      exited=exited or 0, traits_changed=traits or 0, skipped=skipped)
+    """).scalar_one()
+        if accounts
+        else 0
+    )
+    return PlanCounts(
+        users=users,
+        accounts=accounts,
+        entered=entered or 0,
+        exited=exited or 0,
+        traits_changed=traits or 0,
+        skipped=skipped,
+    )
 
 
-def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | None,
-              custom_attributes: bool, max_users: int | None = None) -> PlanCounts:
+def fill_plan(
+    state: Connection,
+    observed_at: datetime,
+    resync_run_id: int | None,
+    custom_attributes: bool,
+    max_users: int | None = None,
+) -> PlanCounts:
     """Write `plan` from `diff` (of each entity, its first `max_users` by id, if given);
     return what it holds. Accounts come first: their updates get the smaller ids."""
     counts = PlanCounts()
-    insert = ("INSERT INTO plan (seq, user_id, message_id, version, resync_run_id, body, "
-              f"status, note, entity) VALUES ({Backend(state).marks(9)})")
+    insert = (
+        "INSERT INTO plan (seq, user_id, message_id, version, resync_run_id, body, "
+        f"status, note, entity) VALUES ({Backend(state).marks(9)})"
+    )
     # DBAPI cursors: this loop sees every changed user, and SQLAlchemy's per-row
     # machinery would cost more than the work itself.
     writer = state.connection.cursor()
@@ -98,7 +124,8 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     seq = 0
     # No account keys this run, no account rows in the diff: spare a scan of it.
     accounts = state.exec_driver_sql(
-        "SELECT COUNT(*) FROM run_keys WHERE entity = 'customer' AND failed = 0").scalar_one()
+        "SELECT COUNT(*) FROM run_keys WHERE entity = 'customer' AND failed = 0"
+    ).scalar_one()
     for entity in ("customer", "contact") if accounts else ("contact",):
         with closing(_changed_users(state, entity)) as changed_users:
             for number, (user_id, rows) in enumerate(changed_users, 1):
@@ -113,13 +140,27 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
                 data = json.loads(rows[0][5]) if rows[0][5] else {}
                 # Fields ride in the body's own keys, never in `custom`.
                 custom = [(row[0], json.loads(row[2])) for row in rows if row[1] != "field"]
-                body = (build_contact(mid, observed_at, user_id, data, custom,
-                                      custom_attributes) if entity == "contact" else
-                        build_customer(mid, observed_at, user_id, rows[0][6], data, custom,
-                                       custom_attributes))
+                body = (
+                    build_contact(mid, observed_at, user_id, data, custom, custom_attributes)
+                    if entity == "contact"
+                    else build_customer(
+                        mid, observed_at, user_id, rows[0][6], data, custom, custom_attributes
+                    )
+                )
                 note = "; ".join(n for n in (body.skip, body.note) if n) or None
-                batch.append((seq, user_id, mid, version, resync, body.text,
-                              "skipped" if body.skip else "pending", note, entity))
+                batch.append(
+                    (
+                        seq,
+                        user_id,
+                        mid,
+                        version,
+                        resync,
+                        body.text,
+                        "skipped" if body.skip else "pending",
+                        note,
+                        entity,
+                    )
+                )
                 if entity == "contact":
                     counts.users += 1
                 else:
@@ -146,27 +187,32 @@ def fill_plan(state: Connection, observed_at: datetime, resync_run_id: int | Non
     return counts
 
 
-def _changed_users(state: Connection, entity: str
-                   ) -> Generator[tuple[str, list[tuple[Any, ...]]]]:
+def _changed_users(state: Connection, entity: str) -> Generator[tuple[str, list[tuple[Any, ...]]]]:
     """(id, [(key, kind, new_value, forced, version, data[, account user_id]), ...]) by
     id, for one entity: contacts with their profile, accounts with their fields and
     the user they are sent for."""
     if entity == "contact":
         record = "p.data FROM diff AS d LEFT JOIN profile AS p ON p.user_id = d.user_id"
     else:
-        record = ("a.data, a.user_id FROM diff AS d "
-                  "LEFT JOIN accounts AS a ON a.group_id = d.user_id")
+        record = (
+            "a.data, a.user_id FROM diff AS d LEFT JOIN accounts AS a ON a.group_id = d.user_id"
+        )
     # Streamed (a server-side cursor on PostgreSQL), never held whole; `plan` is written
     # on this same connection meanwhile, which both backends allow.
-    chunks = Backend(state).stream(f"""
+    chunks = Backend(state).stream(
+        f"""
         SELECT d.user_id, d.key, d.kind, d.new_value, d.forced, v.version, {record}
         LEFT JOIN ack_versions AS v ON v.entity = d.entity AND v.user_id = d.user_id
         WHERE d.entity = '{entity}'
         ORDER BY d.user_id, d.key
-    """, BATCH, name="plan_diff")
+    """,
+        BATCH,
+        name="plan_diff",
+    )
     try:
-        for user_id, group in groupby((row for chunk in chunks for row in chunk),
-                                      key=itemgetter(0)):
+        for user_id, group in groupby(
+            (row for chunk in chunks for row in chunk), key=itemgetter(0)
+        ):
             yield user_id, [tuple(row[1:]) for row in group]
     finally:
         chunks.close()

@@ -64,36 +64,60 @@ def plan_run(config: Config, engine: Engine, run_id: int, request: RunRequest) -
     with engine.connect() as state:
         snapshot = snapshot_and_diff(config, state, request.resync_keys)
         observed_at = snapshot.source.taken_at
-        verdict = check_exits(state, config.safety, audience_keys(config),
-                              request.accept_exits)
+        verdict = check_exits(state, config.safety, audience_keys(config), request.accept_exits)
         if verdict.halted:
             _halt(state, run_id, snapshot, verdict, request)
-        counts, resent = split_resent(state, fill_plan(
-            state, observed_at, run_id if request.resync_keys else None,
-            config.destination.custom_attributes))
+        counts, resent = split_resent(
+            state,
+            fill_plan(
+                state,
+                observed_at,
+                run_id if request.resync_keys else None,
+                config.destination.custom_attributes,
+            ),
+        )
         # End the long read transaction before writing: on SQLite, a transaction that
         # read the main database before another connection (the lock's lease renewal)
         # committed can never write ("database is locked", whatever the busy timeout).
         # Only temp tables were written so far, and they outlive the commit.
         state.commit()
         commit_plan(state, run_id, observed_at)
-        update_run(state, run_id, snapshot_at=observed_at, users_seen=snapshot.users_seen,
-                   users_changed=counts.users, entered=counts.entered, exited=counts.exited,
-                   traits_changed=counts.traits_changed, skipped=counts.skipped,
-                   rows_ignored=snapshot.rows_ignored, resent=resent,
-                   source_snapshot=snapshot.source.id, accounts_seen=snapshot.accounts_seen,
-                   accounts_changed=counts.accounts)
+        update_run(
+            state,
+            run_id,
+            snapshot_at=observed_at,
+            users_seen=snapshot.users_seen,
+            users_changed=counts.users,
+            entered=counts.entered,
+            exited=counts.exited,
+            traits_changed=counts.traits_changed,
+            skipped=counts.skipped,
+            rows_ignored=snapshot.rows_ignored,
+            resent=resent,
+            source_snapshot=snapshot.source.id,
+            accounts_seen=snapshot.accounts_seen,
+            accounts_changed=counts.accounts,
+        )
         skipped = _skipped_by_kind(state, run_id)
         state.commit()
         drop_temp_tables(state)
         state.commit()
-    return Planned(observed_at, snapshot.users_seen, snapshot.accounts_seen,
-                   snapshot.rows_ignored, counts, resent, verdict,
-                   tuple(str(e) for e in snapshot.failed.values()), skipped)
+    return Planned(
+        observed_at,
+        snapshot.users_seen,
+        snapshot.accounts_seen,
+        snapshot.rows_ignored,
+        counts,
+        resent,
+        verdict,
+        tuple(str(e) for e in snapshot.failed.values()),
+        skipped,
+    )
 
 
-def dry_run(config: Config, engine: Engine, sample_size: int = 5,
-            accept_exits: Collection[str] = ()) -> DryRunReport:
+def dry_run(
+    config: Config, engine: Engine, sample_size: int = 5, accept_exits: Collection[str] = ()
+) -> DryRunReport:
     """Snapshot and diff, then roll everything back: no lock, no run row, nothing sent.
 
     The report carries the safety guard's verdict, as a real run would judge it.
@@ -108,28 +132,51 @@ def dry_run(config: Config, engine: Engine, sample_size: int = 5,
             snapshot = snapshot_and_diff(config, state, (), sample_size if fast else None)
             observed_at = snapshot.source.taken_at
             verdict = check_exits(state, config.safety, audience_keys(config), accept_exits)
-            planned = fill_plan(state, observed_at, None, config.destination.custom_attributes,
-                                max_users=sample_size if fast else None)
+            planned = fill_plan(
+                state,
+                observed_at,
+                None,
+                config.destination.custom_attributes,
+                max_users=sample_size if fast else None,
+            )
             counts, resent = split_resent(state, count_diff(state) if fast else planned)
             kept = state.exec_driver_sql("SELECT COUNT(*) FROM kept").scalar_one()
             # The sample: the first accounts, then the first contacts.
-            rows = [row for entity in SEND_ORDER for row in state.exec_driver_sql(
-                f"SELECT body, status, note FROM plan WHERE entity = '{entity}' "
-                f"ORDER BY seq LIMIT {int(sample_size)}").all()]
+            rows = [
+                row
+                for entity in SEND_ORDER
+                for row in state.exec_driver_sql(
+                    f"SELECT body, status, note FROM plan WHERE entity = '{entity}' "
+                    f"ORDER BY seq LIMIT {int(sample_size)}"
+                ).all()
+            ]
             state.rollback()
             drop_temp_tables(state)
             state.commit()
     except SQLAlchemyError as exc:
         raise database_error("state", engine, exc) from None
-    sample = [{"status": status, "note": note, "body": json.loads(body)}
-              for body, status, note in rows]
-    return DryRunReport(snapshot.users_seen, counts, kept, snapshot.rows_ignored,
-                        {k: str(e) for k, e in snapshot.failed.items()}, sample,
-                        guard=verdict, resent=resent, accounts_seen=snapshot.accounts_seen)
+    sample = [
+        {"status": status, "note": note, "body": json.loads(body)} for body, status, note in rows
+    ]
+    return DryRunReport(
+        snapshot.users_seen,
+        counts,
+        kept,
+        snapshot.rows_ignored,
+        {k: str(e) for k, e in snapshot.failed.items()},
+        sample,
+        guard=verdict,
+        resent=resent,
+        accounts_seen=snapshot.accounts_seen,
+    )
 
 
-def snapshot_and_diff(config: Config, state: Connection, resync_keys: Collection[str],
-                      profile_users: int | None = None) -> Snapshot:
+def snapshot_and_diff(
+    config: Config,
+    state: Connection,
+    resync_keys: Collection[str],
+    profile_users: int | None = None,
+) -> Snapshot:
     """Snapshot the entries, diff them, then read the profile of the changed users.
 
     Every source query runs in one read-only transaction of one source connection
@@ -146,8 +193,7 @@ def snapshot_and_diff(config: Config, state: Connection, resync_keys: Collection
             source_snapshot = begin_snapshot(conn)  # every query below reads this moment
             snapshot = take_snapshot(config, conn, state)
             snapshot.source = source_snapshot
-            fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys,
-                          snapshot.fields)
+            fill_run_keys(state, snapshot.loaded, snapshot.failed, resync_keys, snapshot.fields)
             fill_diff(state)
             load_profile(config, conn, state, profile_users)
             return snapshot
@@ -164,12 +210,17 @@ def split_resent(state: Connection, counts: PlanCounts) -> tuple[PlanCounts, int
                SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
         FROM diff WHERE old_value = new_value""").one()
     entered, exited, traits = entered or 0, exited or 0, traits or 0
-    return replace(counts, entered=counts.entered - entered, exited=counts.exited - exited,
-                   traits_changed=counts.traits_changed - traits), entered + exited + traits
+    return replace(
+        counts,
+        entered=counts.entered - entered,
+        exited=counts.exited - exited,
+        traits_changed=counts.traits_changed - traits,
+    ), entered + exited + traits
 
 
-def _halt(state: Connection, run_id: int, snapshot: Snapshot, verdict: Verdict,
-          request: RunRequest) -> None:
+def _halt(
+    state: Connection, run_id: int, snapshot: Snapshot, verdict: Verdict, request: RunRequest
+) -> None:
     """Drop everything the run planned, record what it saw, and raise RunHalted."""
     # Only temp tables were written; the rollback also ends the read transaction, so
     # the row below can be written (see the SQLite note in `plan_run`).
@@ -177,20 +228,31 @@ def _halt(state: Connection, run_id: int, snapshot: Snapshot, verdict: Verdict,
     drop_temp_tables(state)
     state.commit()
     # The write first: on SQLite it takes the write lock before anything is read.
-    update_run(state, run_id, snapshot_at=snapshot.source.taken_at,
-               users_seen=snapshot.users_seen, rows_ignored=snapshot.rows_ignored)
+    update_run(
+        state,
+        run_id,
+        snapshot_at=snapshot.source.taken_at,
+        users_seen=snapshot.users_seen,
+        rows_ignored=snapshot.rows_ignored,
+    )
     pending = count_pending(state)  # earlier updates stay pending, unsent
     update_run(state, run_id, pending=pending)
     state.commit()
     message = verdict.message(proceed_command(request.trigger, request.resync_label))
     failures = "; ".join(str(e) for e in snapshot.failed.values())
-    raise RunHalted("; ".join(filter(None, (message, failures))), verdict,
-                    users_seen=snapshot.users_seen, rows_ignored=snapshot.rows_ignored,
-                    pending=pending)
+    raise RunHalted(
+        "; ".join(filter(None, (message, failures))),
+        verdict,
+        users_seen=snapshot.users_seen,
+        rows_ignored=snapshot.rows_ignored,
+        pending=pending,
+    )
 
 
 def _skipped_by_kind(state: Connection, run_id: int) -> dict[str, int]:
-    rows = state.execute(select(updates.c.entity, func.count()).where(
-        updates.c.run_id == run_id, updates.c.status == "skipped")
-        .group_by(updates.c.entity)).all()
+    rows = state.execute(
+        select(updates.c.entity, func.count())
+        .where(updates.c.run_id == run_id, updates.c.status == "skipped")
+        .group_by(updates.c.entity)
+    ).all()
     return {str(kind): int(count) for kind, count in rows}

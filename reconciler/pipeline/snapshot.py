@@ -75,8 +75,11 @@ def take_snapshot(config: Config, source: Connection, state: Connection) -> Snap
     for entry in config.entries:
         stats = ReadStats()
         guard = _Guard()
-        columns = ("user_id", "key", "value", "entity") if entry.entity == "customer" \
+        columns = (
+            ("user_id", "key", "value", "entity")
+            if entry.entity == "customer"
             else ("user_id", "key", "value")
+        )
         _load(state, "snap", columns, guard(_entry_rows(source, entry, stats)))
         if guard.error is not None:
             state.exec_driver_sql(f"DELETE FROM snap WHERE key = {_param(state)}", (entry.key,))
@@ -87,15 +90,19 @@ def take_snapshot(config: Config, source: Connection, state: Connection) -> Snap
     # The entity last: ids of a user and an account rarely meet, so comparisons end
     # before it (measured: 6 % of the snapshot's time at 1M users with it first).
     state.exec_driver_sql("CREATE INDEX snap_user_key ON snap (user_id, key, value, entity)")
-    for key, user_id in _trait_conflicts(state, [e.key for e in snapshot.loaded
-                                                 if e.kind == "trait"]):
+    for key, user_id in _trait_conflicts(
+        state, [e.key for e in snapshot.loaded if e.kind == "trait"]
+    ):
         conflicted = config.entry_for_key(key)
         assert conflicted is not None
-        who, column = (("account", "group_id") if conflicted.entity == "customer"
-                       else ("user", "user_id"))
+        who, column = (
+            ("account", "group_id") if conflicted.entity == "customer" else ("user", "user_id")
+        )
         snapshot.failed[key] = SourceEntryError(
-            conflicted.label, f'{who} "{user_id}" has two different values; make the query '
-            f"return one value per {who} (GROUP BY {column})")
+            conflicted.label,
+            f'{who} "{user_id}" has two different values; make the query '
+            f"return one value per {who} (GROUP BY {column})",
+        )
         snapshot.loaded.remove(conflicted)
         state.exec_driver_sql(f"DELETE FROM snap WHERE key = {_param(state)}", (key,))
     snapshot.users_seen = _distinct_ids(state, "contact")
@@ -111,39 +118,52 @@ def take_snapshot(config: Config, source: Connection, state: Connection) -> Snap
 
 
 def _distinct_ids(state: Connection, entity: str) -> int:
-    return int(state.exec_driver_sql(
-        "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM snap "
-        f"WHERE entity = '{entity}') AS u").scalar_one())
+    return int(
+        state.exec_driver_sql(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM snap "
+            f"WHERE entity = '{entity}') AS u"
+        ).scalar_one()
+    )
 
 
-def _entry_rows(source: Connection, entry: Entry,
-                stats: ReadStats) -> Iterable[list[tuple[Any, ...]]]:
+def _entry_rows(
+    source: Connection, entry: Entry, stats: ReadStats
+) -> Iterable[list[tuple[Any, ...]]]:
     if entry.entity == "customer":
         yield from _account_entry_rows(source, entry, stats)
     elif entry.kind == "audience":
         for chunk in read_rows(source, entry.label, entry.query, ("user_id",), stats=stats):
             yield [(user_id, entry.key, TRUE) for (user_id,) in chunk]
     else:
-        for chunk in read_rows(source, entry.label, entry.query, ("user_id", "value"),
-                               stats=stats):
+        for chunk in read_rows(source, entry.label, entry.query, ("user_id", "value"), stats=stats):
             # A NULL (or blank) trait value means "no value": the same as no row.
-            rows = [(user_id, entry.key, trait_json(entry.label, user_id, value))
-                    for user_id, value in chunk]
+            rows = [
+                (user_id, entry.key, trait_json(entry.label, user_id, value))
+                for user_id, value in chunk
+            ]
             yield [row for row in rows if row[2] is not None]
 
 
-def _account_entry_rows(source: Connection, entry: Entry,
-                        stats: ReadStats) -> Iterable[list[tuple[Any, ...]]]:
+def _account_entry_rows(
+    source: Connection, entry: Entry, stats: ReadStats
+) -> Iterable[list[tuple[Any, ...]]]:
     """(group_id, key, value, "customer") rows of an account audience or trait."""
     if entry.kind == "audience":
         for chunk in read_rows(source, entry.label, entry.query, ("group_id",), stats=stats):
             yield [(group_id, entry.key, TRUE, "customer") for (group_id,) in chunk]
     else:
-        for chunk in read_rows(source, entry.label, entry.query, ("group_id", "value"),
-                               stats=stats):
-            rows = [(group_id, entry.key,
-                     trait_json(entry.label, group_id, value, "account"), "customer")
-                    for group_id, value in chunk]
+        for chunk in read_rows(
+            source, entry.label, entry.query, ("group_id", "value"), stats=stats
+        ):
+            rows = [
+                (
+                    group_id,
+                    entry.key,
+                    trait_json(entry.label, group_id, value, "account"),
+                    "customer",
+                )
+                for group_id, value in chunk
+            ]
             yield [row for row in rows if row[2] is not None]
 
 
@@ -157,8 +177,7 @@ class _Guard:
     def __init__(self) -> None:
         self.error: SourceEntryError | None = None
 
-    def __call__(self, chunks: Iterable[list[tuple[Any, ...]]]
-                 ) -> Iterable[list[tuple[Any, ...]]]:
+    def __call__(self, chunks: Iterable[list[tuple[Any, ...]]]) -> Iterable[list[tuple[Any, ...]]]:
         try:
             yield from chunks
         except SourceEntryError as exc:
@@ -170,8 +189,13 @@ class _Guard:
 FILTER_PROFILE_BELOW = 100_000
 
 
-def load_profile(config: Config, source: Connection, state: Connection,
-                 first_users: int | None = None, everyone: bool = False) -> None:
+def load_profile(
+    config: Config,
+    source: Connection,
+    state: Connection,
+    first_users: int | None = None,
+    everyone: bool = False,
+) -> None:
     """Fill `profile` with the contact fields of the users in `diff`.
 
     The profile query runs only when some user has something to send, and only the
@@ -186,34 +210,44 @@ def load_profile(config: Config, source: Connection, state: Connection,
         return  # the snapshot loaded every user's profile already
     if everyone:
         if config.profile_query:
-            _load(state, "profile_raw", ("user_id", "data"),
-                  _profile_rows(source, config.profile_query, None))
+            _load(
+                state,
+                "profile_raw",
+                ("user_id", "data"),
+                _profile_rows(source, config.profile_query, None),
+            )
         _group_profile(state)
         return
     users = "SELECT DISTINCT user_id FROM diff WHERE entity = 'contact'"
     if first_users is not None:
         users = f"{users} ORDER BY user_id LIMIT {int(first_users)}"
-    changed = state.exec_driver_sql(
-        f"SELECT COUNT(*) FROM ({users}) AS d").scalar_one()
+    changed = state.exec_driver_sql(f"SELECT COUNT(*) FROM ({users}) AS d").scalar_one()
     if config.profile_query and changed:
         wanted = None
         if changed < FILTER_PROFILE_BELOW:
             wanted = {row[0] for row in state.exec_driver_sql(users)}
-        _load(state, "profile_raw", ("user_id", "data"),
-              _profile_rows(source, config.profile_query, wanted))
+        _load(
+            state,
+            "profile_raw",
+            ("user_id", "data"),
+            _profile_rows(source, config.profile_query, wanted),
+        )
     _group_profile(state)
 
 
 def _group_profile(state: Connection) -> None:
     """`profile` from `profile_raw`: one row per user."""
-    state.exec_driver_sql("INSERT INTO profile (user_id, data) SELECT user_id, MIN(data) "
-                          "FROM profile_raw GROUP BY user_id")
+    state.exec_driver_sql(
+        "INSERT INTO profile (user_id, data) SELECT user_id, MIN(data) "
+        "FROM profile_raw GROUP BY user_id"
+    )
     state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
     Backend(state).analyze("profile")
 
 
-def _profile_rows(source: Connection, query: str,
-                  wanted: set[str] | None) -> Iterable[list[tuple[Any, ...]]]:
+def _profile_rows(
+    source: Connection, query: str, wanted: set[str] | None
+) -> Iterable[list[tuple[Any, ...]]]:
     """(user_id, JSON object of the non-empty contact fields), as text."""
     stats = ReadStats()
     for chunk in read_rows(source, "[profile]", query, ("user_id",), PROFILE_FIELDS, stats):
@@ -233,7 +267,9 @@ def _trait_conflicts(state: Connection, trait_keys: list[str]) -> list[tuple[str
     for key in trait_keys:
         row = state.exec_driver_sql(
             f"SELECT user_id FROM snap WHERE key = {_param(state)} GROUP BY user_id "
-            "HAVING MIN(value) <> MAX(value) LIMIT 1", (key,)).first()
+            "HAVING MIN(value) <> MAX(value) LIMIT 1",
+            (key,),
+        ).first()
         if row is not None:
             found.append((key, row[0]))
     return found
@@ -243,6 +279,7 @@ def _param(state: Connection) -> str:
     return Backend(state).mark
 
 
-def _load(state: Connection, table: str, columns: tuple[str, ...],
-          chunks: Iterable[list[tuple[Any, ...]]]) -> None:
+def _load(
+    state: Connection, table: str, columns: tuple[str, ...], chunks: Iterable[list[tuple[Any, ...]]]
+) -> None:
     Backend(state).load(table, columns, chunks)

@@ -106,8 +106,7 @@ def user_id_text(value: Any, column: str = "user_id") -> str | None:
         raise Unrepresentable(f"{column} is binary; {_CAST_HINT}")
     result = number_text(value) if isinstance(value, float | Decimal) else str(value)
     if len(result) > MAX_USER_ID:
-        raise Unrepresentable(f'{column} "{result[:40]}…" is longer than {MAX_USER_ID} '
-                              "characters")
+        raise Unrepresentable(f'{column} "{result[:40]}…" is longer than {MAX_USER_ID} characters')
     return result
 
 
@@ -123,8 +122,7 @@ def trait_json(entry_label: str, user_id: str, value: Any, who: str = "user") ->
         raise SourceEntryError(entry_label, f'{who} "{user_id}": {exc}') from None
 
 
-def profile_fields(user_id: str, names: Sequence[str], values: Sequence[Any]
-                   ) -> dict[str, str]:
+def profile_fields(user_id: str, names: Sequence[str], values: Sequence[Any]) -> dict[str, str]:
     """The non-blank contact fields of one profile row, each as plain text."""
     fields = {}
     for name, value in zip(names, values, strict=True):
@@ -156,9 +154,14 @@ class ReadStats:
     columns: tuple[str, ...] = ()  # the columns yielded, set before the first chunk
 
 
-def read_rows(connection: Connection, entry_label: str, query: str,
-              columns: tuple[str, ...], optional: tuple[str, ...] = (),
-              stats: ReadStats | None = None) -> Iterator[list[tuple[Any, ...]]]:
+def read_rows(
+    connection: Connection,
+    entry_label: str,
+    query: str,
+    columns: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    stats: ReadStats | None = None,
+) -> Iterator[list[tuple[Any, ...]]]:
     """Run `query`, yield chunks of tuples of `columns` (+ those of `optional` present).
 
     Column names match case-insensitively (warehouses upper-case them). Rows whose
@@ -173,7 +176,8 @@ def read_rows(connection: Connection, entry_label: str, query: str,
         # exec_driver_sql without parameters hands the text to the driver untouched:
         # no `:name` bind parsing, no `%` escaping.
         result = connection.exec_driver_sql(
-            query, execution_options={"yield_per": CHUNK_ROWS, "no_parameters": True})
+            query, execution_options={"yield_per": CHUNK_ROWS, "no_parameters": True}
+        )
     except SQLAlchemyError as exc:
         raise source_query_error(connection.engine, exc, entry_label, query) from None
     with result:
@@ -185,7 +189,8 @@ def read_rows(connection: Connection, entry_label: str, query: str,
             raise SourceEntryError(
                 entry_label,
                 f"query returned columns ({', '.join(names) or 'none'}) but needs "
-                f"{', '.join(missing)}; {_alias_hint(missing, names, columns + optional)}")
+                f"{', '.join(missing)}; {_alias_hint(missing, names, columns + optional)}",
+            )
         wanted = list(columns) + [c for c in optional if c in names]
         pick = _picker([names.index(c) for c in wanted], len(names))
         stats.columns = tuple(wanted)
@@ -217,8 +222,7 @@ def _alias_hint(missing: Sequence[str], names: Sequence[str], known: Sequence[st
     """`alias it, e.g. SELECT total AS value`: each missing column aliased from a returned
     column the query has no use for, in order (or from a usual name)."""
     spare = iter([n for n in names if n not in known])
-    aliases = [f"{next(spare, _USUAL_SOURCE.get(column, '...'))} AS {column}"
-               for column in missing]
+    aliases = [f"{next(spare, _USUAL_SOURCE.get(column, '...'))} AS {column}" for column in missing]
     return f"alias {'it' if len(missing) == 1 else 'them'}, e.g. SELECT {', '.join(aliases)}"
 
 
@@ -235,8 +239,7 @@ def _chunks(result: Any, dialect: str) -> Iterator[Sequence[Any]]:
         yield from result.partitions(CHUNK_ROWS)
 
 
-def _picker(positions: list[int], width: int
-            ) -> Callable[[Sequence[Any]], Sequence[Sequence[Any]]]:
+def _picker(positions: list[int], width: int) -> Callable[[Sequence[Any]], Sequence[Sequence[Any]]]:
     """A function taking the wanted columns, in order, out of a chunk of DBAPI rows."""
     if positions == list(range(width)):
         return lambda rows: rows

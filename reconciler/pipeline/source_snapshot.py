@@ -46,8 +46,9 @@ def begin_snapshot(connection: Connection) -> SourceSnapshot:
     dialect = connection.dialect.name
     try:
         if dialect == "postgresql":
-            connection.execution_options(isolation_level="REPEATABLE READ",
-                                         postgresql_readonly=True)
+            connection.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
             # pg_current_snapshot() is PostgreSQL 13's name for txid_current_snapshot().
             version = connection.dialect.server_version_info or (0,)
             function = "pg_current_snapshot" if version >= (13,) else "txid_current_snapshot"
@@ -58,8 +59,7 @@ def begin_snapshot(connection: Connection) -> SourceSnapshot:
         if dialect in ("mysql", "mariadb"):
             connection.execution_options(isolation_level="REPEATABLE READ")
             taken_at = datetime.now(UTC)
-            connection.exec_driver_sql(
-                "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            connection.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             return SourceSnapshot(taken_at)
         taken_at = datetime.now(UTC)
         if dialect == "sqlite":
@@ -68,5 +68,6 @@ def begin_snapshot(connection: Connection) -> SourceSnapshot:
             connection.exec_driver_sql("SELECT COUNT(*) FROM sqlite_master").scalar()
         return SourceSnapshot(taken_at)
     except SQLAlchemyError as exc:
-        raise database_error("source", connection.engine, exc,
-                             "starting the read-only snapshot: ") from None
+        raise database_error(
+            "source", connection.engine, exc, "starting the read-only snapshot: "
+        ) from None

@@ -52,32 +52,73 @@ def _temp(name: str, *columns: Column[Any] | PrimaryKeyConstraint) -> Table:
     return Table(name, metadata, *columns, prefixes=["TEMPORARY"])
 
 
-snap = _temp("snap", Column("user_id", Text, nullable=False), Column("key", Text, nullable=False),
-             Column("value", Text, nullable=False), _entity())
-profile_raw = _temp("profile_raw", Column("user_id", Text, nullable=False),
-                    Column("data", Text, nullable=False))
+snap = _temp(
+    "snap",
+    Column("user_id", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("value", Text, nullable=False),
+    _entity(),
+)
+profile_raw = _temp(
+    "profile_raw", Column("user_id", Text, nullable=False), Column("data", Text, nullable=False)
+)
 profile = _temp("profile", Column("user_id", Text, nullable=False), Column("data", Text))
-account_raw = _temp("account_raw", Column("group_id", Text, nullable=False),
-                    Column("user_id", Text), Column("data", Text, nullable=False))
-accounts = _temp("accounts", Column("group_id", Text, nullable=False), Column("user_id", Text),
-                 Column("data", Text, nullable=False))
-run_keys = _temp("run_keys", Column("key", Text, nullable=False),
-                 Column("kind", Text, nullable=False), Column("forced", Integer, nullable=False),
-                 Column("failed", Integer, nullable=False), _entity(),
-                 PrimaryKeyConstraint("entity", "key"))
-uncertain = _temp("uncertain", Column("entity", Text, nullable=False),
-                  Column("user_id", Text, nullable=False), Column("key", Text, nullable=False),
-                  PrimaryKeyConstraint("entity", "user_id", "key"))
-diff = _temp("diff", Column("user_id", Text, nullable=False), Column("key", Text, nullable=False),
-             Column("kind", Text, nullable=False), Column("new_value", Text, nullable=False),
-             Column("old_value", Text), Column("forced", Integer, nullable=False), _entity())
-kept = _temp("kept", Column("user_id", Text, nullable=False),
-             Column("update_id", Integer, nullable=False), _entity())
-plan = _temp("plan", Column("seq", Integer, nullable=False),
-             Column("user_id", Text, nullable=False), Column("message_id", Text, nullable=False),
-             Column("version", Integer, nullable=False), Column("resync_run_id", Integer),
-             Column("body", Text, nullable=False), Column("status", Text, nullable=False),
-             Column("note", Text), _entity())
+account_raw = _temp(
+    "account_raw",
+    Column("group_id", Text, nullable=False),
+    Column("user_id", Text),
+    Column("data", Text, nullable=False),
+)
+accounts = _temp(
+    "accounts",
+    Column("group_id", Text, nullable=False),
+    Column("user_id", Text),
+    Column("data", Text, nullable=False),
+)
+run_keys = _temp(
+    "run_keys",
+    Column("key", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("forced", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    _entity(),
+    PrimaryKeyConstraint("entity", "key"),
+)
+uncertain = _temp(
+    "uncertain",
+    Column("entity", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    PrimaryKeyConstraint("entity", "user_id", "key"),
+)
+diff = _temp(
+    "diff",
+    Column("user_id", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("new_value", Text, nullable=False),
+    Column("old_value", Text),
+    Column("forced", Integer, nullable=False),
+    _entity(),
+)
+kept = _temp(
+    "kept",
+    Column("user_id", Text, nullable=False),
+    Column("update_id", Integer, nullable=False),
+    _entity(),
+)
+plan = _temp(
+    "plan",
+    Column("seq", Integer, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("resync_run_id", Integer),
+    Column("body", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("note", Text),
+    _entity(),
+)
 
 
 def create(state: Connection) -> None:

@@ -56,15 +56,15 @@ class Backend:
     def marks(self, count: int) -> str:
         return ", ".join([self.mark] * count)
 
-    def load(self, table: str, columns: Sequence[str],
-             chunks: Iterable[Sequence[Sequence[Any]]]) -> None:
+    def load(
+        self, table: str, columns: Sequence[str], chunks: Iterable[Sequence[Sequence[Any]]]
+    ) -> None:
         """Bulk-insert chunks of rows into `table` (a temporary table of this run)."""
         names = ", ".join(columns)
         if self.postgres:
             raw = self.conn.connection.driver_connection
             assert raw is not None
-            with raw.cursor() as cursor, cursor.copy(
-                    f"COPY {table} ({names}) FROM STDIN") as copy:
+            with raw.cursor() as cursor, cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
                 for chunk in chunks:
                     for row in chunk:
                         copy.write_row(row)
@@ -80,8 +80,9 @@ class Backend:
         if self.postgres:
             self.conn.exec_driver_sql(f"ANALYZE {table}")
 
-    def stream(self, sql: str, batch: int, name: str = "reconciler_stream"
-               ) -> Generator[list[tuple[Any, ...]]]:
+    def stream(
+        self, sql: str, batch: int, name: str = "reconciler_stream"
+    ) -> Generator[list[tuple[Any, ...]]]:
         """The rows of `sql` in chunks of `batch`; the connection may be written meanwhile
         (a named server-side cursor on PostgreSQL, a second cursor on SQLite)."""
         raw = self.conn.connection.driver_connection
@@ -128,6 +129,8 @@ class Backend:
         """(FROM items, value expression) that spread `table.column`, a JSON object, into
         rows `j.key` and the value as canonical JSON text."""
         if self.postgres:
-            return (f"{table} AS t, json_each_text(t.{column}::json) AS j",
-                    "to_json(j.value)::text")
+            return (
+                f"{table} AS t, json_each_text(t.{column}::json) AS j",
+                "to_json(j.value)::text",
+            )
         return f"{table} AS t, json_each(t.{column}) AS j", "json_quote(j.value)"

@@ -27,8 +27,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-MAX_CAUSES = 5      # causes named per group; the rest are summed as "other causes"
-MAX_MESSAGE = 60    # characters of a response's message kept in a cause
+MAX_CAUSES = 5  # causes named per group; the rest are summed as "other causes"
+MAX_MESSAGE = 60  # characters of a response's message kept in a cause
 NOT_SENT = "not sent"
 
 # Transport failures, most specific first: (needle in the lower-cased error, cause).
@@ -76,30 +76,46 @@ def cause_of(status_code: int | None, outcome: str, error: str | None) -> str:
     return f'{status_code} "{message}"' if message else str(status_code)
 
 
-def explain(state: Connection, run_id: int, pending: int, stopped_by: str | None = None,
-            lock_lost: bool = False) -> str | None:
+def explain(
+    state: Connection,
+    run_id: int,
+    pending: int,
+    stopped_by: str | None = None,
+    lock_lost: bool = False,
+) -> str | None:
     """The updates a run left unacknowledged, grouped by cause; None when there are none.
 
     `pending` is how many updates were still pending when the run ended (some may not
     have been attempted); `stopped_by` names the signal that stopped the run, if any.
     """
     groups: dict[str, Counter[str]] = {"pending": Counter(), "rejected": Counter()}
-    for outcome, status_code, error, count in state.execute(text("""
+    for outcome, status_code, error, count in state.execute(
+        text("""
             SELECT d.outcome, d.status_code, d.error, COUNT(*)
             FROM deliveries AS d
             JOIN (SELECT MAX(id) AS id FROM deliveries WHERE run_id = :run
                   GROUP BY update_id) AS last ON last.id = d.id
             WHERE d.outcome <> 'acknowledged'
-            GROUP BY d.outcome, d.status_code, d.error"""), {"run": run_id}):
+            GROUP BY d.outcome, d.status_code, d.error"""),
+        {"run": run_id},
+    ):
         group = "rejected" if outcome == "rejected" else "pending"
         groups[group][cause_of(status_code, outcome, error)] += int(count)
     never_attempted = pending - sum(groups["pending"].values())
     if never_attempted > 0:
-        reason = (f"{NOT_SENT}: the run lost its lock" if lock_lost else
-                  f"{NOT_SENT} before the stop" if stopped_by else "not attempted")
+        reason = (
+            f"{NOT_SENT}: the run lost its lock"
+            if lock_lost
+            else f"{NOT_SENT} before the stop"
+            if stopped_by
+            else "not attempted"
+        )
         groups["pending"][reason] += never_attempted
-    parts = [f"{sum(counts.values())} {group}: {_listed(counts)}"
-             for group, counts in groups.items() if counts]
+    parts = [
+        f"{sum(counts.values())} {group}: {_listed(counts)}"
+        for group, counts in groups.items()
+        if counts
+    ]
     if not parts:
         return None
     summary = "; ".join(parts)
@@ -111,9 +127,12 @@ def attempt_causes(state: Connection, run_id: int) -> list[dict[str, Any]]:
     first: `{"cause", "attempts", "updates"}` (updates: how many had such an attempt)."""
     attempts: Counter[str] = Counter()
     updates: dict[str, set[int]] = {}
-    rows = state.execution_options(yield_per=10_000).execute(text("""
+    rows = state.execution_options(yield_per=10_000).execute(
+        text("""
         SELECT status_code, outcome, error, update_id FROM deliveries
-        WHERE run_id = :run AND outcome <> 'acknowledged'"""), {"run": run_id})
+        WHERE run_id = :run AND outcome <> 'acknowledged'"""),
+        {"run": run_id},
+    )
     known: dict[tuple[Any, ...], str] = {}
     for status_code, outcome, error, update_id in rows:
         key = (status_code, outcome, error)
@@ -122,8 +141,10 @@ def attempt_causes(state: Connection, run_id: int) -> list[dict[str, Any]]:
             cause = known[key] = cause_of(status_code, outcome, error)
         attempts[cause] += 1
         updates.setdefault(cause, set()).add(update_id)
-    return [{"cause": cause, "attempts": count, "updates": len(updates[cause])}
-            for cause, count in attempts.most_common()]
+    return [
+        {"cause": cause, "attempts": count, "updates": len(updates[cause])}
+        for cause, count in attempts.most_common()
+    ]
 
 
 def _listed(counts: Counter[str]) -> str:
@@ -175,7 +196,7 @@ def _message_in(document: Any) -> str:
 
 def _short(text: str) -> str:
     words = " ".join(text.split()).replace('"', "'")
-    return words if len(words) <= MAX_MESSAGE else words[:MAX_MESSAGE - 3] + "..."
+    return words if len(words) <= MAX_MESSAGE else words[: MAX_MESSAGE - 3] + "..."
 
 
 def join(*parts: str | None) -> str | None:

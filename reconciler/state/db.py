@@ -80,8 +80,13 @@ def source_engine(url: str) -> Engine:
     engine = create_engine(parsed, poolclass=NullPool)
     _WRITTEN[engine] = url
     path = parsed.database
-    if (engine.dialect.name == "sqlite" and path and path != ":memory:"
-            and not path.startswith("file:") and parsed.query.get("uri") != "true"):
+    if (
+        engine.dialect.name == "sqlite"
+        and path
+        and path != ":memory:"
+        and not path.startswith("file:")
+        and parsed.query.get("uri") != "true"
+    ):
         event.listen(engine, "do_connect", _sqlite_read_only)
     if engine.dialect.name == "sqlite":
         # SQLAlchemy's recipe for real pysqlite transactions: the driver emits no BEGIN
@@ -92,8 +97,9 @@ def source_engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite_read_only(_dialect: Any, _record: Any, cargs: list[Any],
-                      cparams: dict[str, Any]) -> None:
+def _sqlite_read_only(
+    _dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]
+) -> None:
     # Done at connect time so that engine.url, which messages show, stays the user's.
     cargs[0] = f"file:{quote(str(cargs[0]))}?mode=ro"
     cparams["uri"] = True
@@ -126,7 +132,8 @@ def alembic_config(engine: Engine | None = None) -> AlembicConfig:
     cfg.set_main_option("script_location", migrations_dir())
     if engine is not None:
         cfg.set_main_option(
-            "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+            "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%")
+        )
     return cfg
 
 
@@ -138,8 +145,11 @@ def at_head(engine: Engine) -> bool:
     """Whether the state database is already at HEAD_REVISION (no Alembic needed)."""
     try:
         with engine.connect() as connection:
-            versions = connection.exec_driver_sql(
-                "SELECT version_num FROM alembic_version").scalars().all()
+            versions = (
+                connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+                .scalars()
+                .all()
+            )
     except SQLAlchemyError:
         return False  # no such table yet, or unreachable: let the upgrade say which
     return versions == [HEAD_REVISION]
@@ -198,8 +208,9 @@ def _foreign_keys_off(connection: Connection) -> Iterator[None]:
         connection.commit()
 
 
-def database_error(which: str, engine: Engine, exc: BaseException,
-                   context: str = "") -> DatabaseError:
+def database_error(
+    which: str, engine: Engine, exc: BaseException, context: str = ""
+) -> DatabaseError:
     """One secret-free line saying where (`context`) and why, then which database.
 
     The cause comes first and the URL (as the user wrote it) last, so that a display
@@ -209,27 +220,29 @@ def database_error(which: str, engine: Engine, exc: BaseException,
     redact = Redactor(database_urls=(url, _WRITTEN.get(engine) or url))
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = redact(reason[0]) if reason else type(exc).__name__
-    hint = next((h for w, needle, h in _HINTS if needle in first.lower() and w in ("", which)),
-                "")
+    hint = next((h for w, needle, h in _HINTS if needle in first.lower() and w in ("", which)), "")
     return DatabaseError(f"{context}{first}{hint} ({which} database {shown_url(engine)})")
 
 
 # Fixes for the reasons people meet most; the full list is in docs/troubleshooting.md.
 _HINTS = (
-    ("", "database is locked", "; another program holds a lock on the file: stop it or "
-                               "wait (add ?timeout=SECONDS to the URL to wait longer)"),
+    (
+        "",
+        "database is locked",
+        "; another program holds a lock on the file: stop it or "
+        "wait (add ?timeout=SECONDS to the URL to wait longer)",
+    ),
     ("state", "readonly database", "; make the file and its directory writable"),
-    ("source", "readonly database", "; source queries are read-only: the query must only "
-                                    "read"),
+    ("source", "readonly database", "; source queries are read-only: the query must only read"),
     ("source", "unable to open database file", "; check the path: the file must exist"),
-    ("state", "unable to open database file", "; check that the directory exists and is "
-                                              "writable"),
+    ("state", "unable to open database file", "; check that the directory exists and is writable"),
     ("", "connection refused", "; is the server running, and are host and port right?"),
 )
 
 
-def source_query_error(engine: Engine, exc: BaseException, entry_label: str,
-                       query: str) -> DatabaseError:
+def source_query_error(
+    engine: Engine, exc: BaseException, entry_label: str, query: str
+) -> DatabaseError:
     """A source query that failed, as one line; one that tried to write says so.
 
     The source transaction is read-only (source_snapshot.py), so a write is refused by
@@ -246,7 +259,8 @@ def source_query_error(engine: Engine, exc: BaseException, entry_label: str,
         f"{entry_label}: query tried to change the source, and source queries are "
         f"read-only: {first}; nothing was changed; make it a SELECT that writes nothing "
         "(no INSERT, UPDATE or DELETE, no data-modifying WITH, no function that writes) "
-        f"(source database {shown_url(engine)})")
+        f"(source database {shown_url(engine)})"
+    )
 
 
 # SQLSTATE 25006 read_only_sql_transaction (PostgreSQL: "cannot execute DELETE in a
@@ -255,13 +269,17 @@ def source_query_error(engine: Engine, exc: BaseException, entry_label: str,
 # transaction". PostgreSQL's server-side cursors refuse a data-modifying WITH before the
 # read-only check ("DECLARE CURSOR must not contain data-modifying statements in WITH"),
 # and a bare DELETE ... RETURNING as a syntax error: the query's first word tells.
-_WRITE_REFUSED = re.compile(r"read[- ]?only (sql )?transaction|readonly database"
-                            r"|data-modifying statement", re.IGNORECASE)
+_WRITE_REFUSED = re.compile(
+    r"read[- ]?only (sql )?transaction|readonly database"
+    r"|data-modifying statement",
+    re.IGNORECASE,
+)
 _WRITE_STATEMENT = re.compile(
     r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/|\()*"
     r"(insert|update|delete|merge|upsert|replace|truncate|create|drop|alter|grant|revoke"
     r"|copy|call|do|lock|refresh|vacuum|reindex|cluster|comment)\b",
-    re.IGNORECASE | re.DOTALL)
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def tried_to_write(exc: BaseException, query: str) -> bool:
@@ -274,5 +292,7 @@ def tried_to_write(exc: BaseException, query: str) -> bool:
         # cannot be read from a read-only directory, not a query that writes.
         return bool(_WRITE_STATEMENT.match(query))
     return bool(_WRITE_REFUSED.search(str(orig)) or _WRITE_STATEMENT.match(query))
+
+
 # The fixes above, so that displays short of room can leave them out.
 FIX_HINTS = tuple(hint for _, _, hint in _HINTS)

@@ -60,8 +60,9 @@ def run_left_out(state: Connection, run_id: int) -> dict[str, int]:
     validation, counted from their notes (SPEC §5)."""
     counts = {"emails_left_out": 0, "linked_in_left_out": 0}
     planned = select(changes.c.update_id).where(changes.c.run_id == run_id)
-    for (note,) in state.execute(select(updates.c.note).where(
-            updates.c.id.in_(planned), updates.c.note.is_not(None))):
+    for (note,) in state.execute(
+        select(updates.c.note).where(updates.c.id.in_(planned), updates.c.note.is_not(None))
+    ):
         counts["emails_left_out"] += NOTE_EMAIL in note
         counts["linked_in_left_out"] += NOTE_LINKED_IN in note
     return counts
@@ -80,29 +81,52 @@ def run_summary(state: Connection, run_id: int) -> dict[str, Any]:
     return _row(row)
 
 
-def run_changes(state: Connection, run_id: int,
-                limit: int | None = None) -> list[dict[str, Any]]:
+def run_changes(state: Connection, run_id: int, limit: int | None = None) -> list[dict[str, Any]]:
     """The (user, key) changes recorded by a run, with their update's id and status."""
-    query = (select(updates.c.entity, changes.c.user_id, changes.c.key, changes.c.kind,
-                    changes.c.old_value, changes.c.new_value, updates.c.message_id,
-                    updates.c.status, updates.c.note)
-             .join(updates, updates.c.id == changes.c.update_id)
-             .where(changes.c.run_id == run_id)
-             .order_by(updates.c.entity.desc(), changes.c.user_id, changes.c.key)
-             .limit(limit))
-    return [{**_row(c), "old_value": _value(c.old_value), "new_value": _value(c.new_value)}
-            for c in state.execute(query)]
+    query = (
+        select(
+            updates.c.entity,
+            changes.c.user_id,
+            changes.c.key,
+            changes.c.kind,
+            changes.c.old_value,
+            changes.c.new_value,
+            updates.c.message_id,
+            updates.c.status,
+            updates.c.note,
+        )
+        .join(updates, updates.c.id == changes.c.update_id)
+        .where(changes.c.run_id == run_id)
+        .order_by(updates.c.entity.desc(), changes.c.user_id, changes.c.key)
+        .limit(limit)
+    )
+    return [
+        {**_row(c), "old_value": _value(c.old_value), "new_value": _value(c.new_value)}
+        for c in state.execute(query)
+    ]
 
 
-def run_deliveries(state: Connection, run_id: int, limit: int | None = None,
-                   unacknowledged_only: bool = False) -> list[dict[str, Any]]:
+def run_deliveries(
+    state: Connection, run_id: int, limit: int | None = None, unacknowledged_only: bool = False
+) -> list[dict[str, Any]]:
     """The HTTP attempts a run made, in the order they were recorded."""
-    query = (select(updates.c.entity, updates.c.user_id, updates.c.message_id,
-                    deliveries.c.attempt,
-                    deliveries.c.sent_at, deliveries.c.status_code, deliveries.c.outcome,
-                    deliveries.c.latency_ms, deliveries.c.error)
-             .join(updates, updates.c.id == deliveries.c.update_id)
-             .where(deliveries.c.run_id == run_id).order_by(deliveries.c.id).limit(limit))
+    query = (
+        select(
+            updates.c.entity,
+            updates.c.user_id,
+            updates.c.message_id,
+            deliveries.c.attempt,
+            deliveries.c.sent_at,
+            deliveries.c.status_code,
+            deliveries.c.outcome,
+            deliveries.c.latency_ms,
+            deliveries.c.error,
+        )
+        .join(updates, updates.c.id == deliveries.c.update_id)
+        .where(deliveries.c.run_id == run_id)
+        .order_by(deliveries.c.id)
+        .limit(limit)
+    )
     if unacknowledged_only:
         query = query.where(deliveries.c.outcome != "acknowledged")
     return [_row(d) for d in state.execute(query)]
@@ -110,11 +134,19 @@ def run_deliveries(state: Connection, run_id: int, limit: int | None = None,
 
 def run_totals(state: Connection, run_id: int) -> dict[str, int]:
     """How many changes and delivery attempts (and unacknowledged ones) a run recorded."""
+
     def count(table: Any, *where: Any) -> int:
-        return int(state.execute(select(func.count()).select_from(table)
-                                 .where(table.c.run_id == run_id, *where)).scalar_one())
-    return {"changes": count(changes), "deliveries": count(deliveries),
-            "unacknowledged": count(deliveries, deliveries.c.outcome != "acknowledged")}
+        return int(
+            state.execute(
+                select(func.count()).select_from(table).where(table.c.run_id == run_id, *where)
+            ).scalar_one()
+        )
+
+    return {
+        "changes": count(changes),
+        "deliveries": count(deliveries),
+        "unacknowledged": count(deliveries, deliveries.c.outcome != "acknowledged"),
+    }
 
 
 def account_timeline(state: Connection, group_id: str) -> dict[str, Any]:
@@ -127,29 +159,56 @@ def account_timeline(state: Connection, group_id: str) -> dict[str, Any]:
 
 def user_timeline(state: Connection, user_id: str, entity: str = "contact") -> dict[str, Any]:
     """A user's acknowledged state per key and every update made for them."""
-    state_rows = state.execute(select(acked.c.key, acked.c.value, acked.c.acked_at)
-                               .where(acked.c.entity == entity, acked.c.user_id == user_id)
-                               .order_by(acked.c.key))
+    state_rows = state.execute(
+        select(acked.c.key, acked.c.value, acked.c.acked_at)
+        .where(acked.c.entity == entity, acked.c.user_id == user_id)
+        .order_by(acked.c.key)
+    )
     timeline = []
-    for u in state.execute(select(updates).where(updates.c.entity == entity,
-                                                 updates.c.user_id == user_id)
-                           .order_by(updates.c.id)):
-        timeline.append({
-            "run_id": u.run_id, "message_id": u.message_id, "status": u.status,
-            "observed_at": _jsonable(u.observed_at), "settled_at": _jsonable(u.settled_at),
-            "note": u.note,
-            "changes": [{"key": c.key, "old_value": _value(c.old_value),
-                         "new_value": _value(c.new_value)}
-                        for c in state.execute(select(changes).where(
-                            changes.c.update_id == u.id).order_by(changes.c.key))],
-            "deliveries": [_row(d) for d in state.execute(
-                select(deliveries.c.run_id, deliveries.c.attempt, deliveries.c.sent_at,
-                       deliveries.c.status_code, deliveries.c.outcome, deliveries.c.error)
-                .where(deliveries.c.update_id == u.id).order_by(deliveries.c.id))],
-        })
+    for u in state.execute(
+        select(updates)
+        .where(updates.c.entity == entity, updates.c.user_id == user_id)
+        .order_by(updates.c.id)
+    ):
+        timeline.append(
+            {
+                "run_id": u.run_id,
+                "message_id": u.message_id,
+                "status": u.status,
+                "observed_at": _jsonable(u.observed_at),
+                "settled_at": _jsonable(u.settled_at),
+                "note": u.note,
+                "changes": [
+                    {
+                        "key": c.key,
+                        "old_value": _value(c.old_value),
+                        "new_value": _value(c.new_value),
+                    }
+                    for c in state.execute(
+                        select(changes).where(changes.c.update_id == u.id).order_by(changes.c.key)
+                    )
+                ],
+                "deliveries": [
+                    _row(d)
+                    for d in state.execute(
+                        select(
+                            deliveries.c.run_id,
+                            deliveries.c.attempt,
+                            deliveries.c.sent_at,
+                            deliveries.c.status_code,
+                            deliveries.c.outcome,
+                            deliveries.c.error,
+                        )
+                        .where(deliveries.c.update_id == u.id)
+                        .order_by(deliveries.c.id)
+                    )
+                ],
+            }
+        )
     return {
         "user_id": user_id,
-        "acknowledged": {r.key: {"value": _value(r.value), "acked_at": _jsonable(r.acked_at)}
-                         for r in state_rows},
+        "acknowledged": {
+            r.key: {"value": _value(r.value), "acked_at": _jsonable(r.acked_at)} for r in state_rows
+        },
         "timeline": timeline,
     }

@@ -48,8 +48,9 @@ def process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def holder_is_alive(host: str, pid: int, pid_started: str, now: datetime,
-                    lease_until: datetime) -> bool:
+def holder_is_alive(
+    host: str, pid: int, pid_started: str, now: datetime, lease_until: datetime
+) -> bool:
     """Whether a recorded holder still holds the lock."""
     if lease_until <= now:
         return False
@@ -67,8 +68,9 @@ def database_now(conn: Connection) -> datetime:
 class RunLock:
     """The lock as held by this process; a context manager that renews and releases it."""
 
-    def __init__(self, engine: Engine, *, renew_every: float = RENEW_EVERY,
-                 lease: timedelta = LEASE) -> None:
+    def __init__(
+        self, engine: Engine, *, renew_every: float = RENEW_EVERY, lease: timedelta = LEASE
+    ) -> None:
         self.engine = engine
         self.token = uuid.uuid4().hex
         self.renew_every, self.lease = renew_every, lease
@@ -80,21 +82,28 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock and start renewing it, or raise `LockHeld` naming the holder."""
         pid = os.getpid()
-        me = {"token": self.token, "host": socket.gethostname(), "pid": pid,
-              "pid_started": process_start(pid) or "", "run_id": None}
+        me = {
+            "token": self.token,
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_started": process_start(pid) or "",
+            "run_id": None,
+        }
         for _ in range(ATTEMPTS):
             with self.engine.begin() as conn:
                 now = database_now(conn)
                 row = conn.execute(select(run_lock).where(run_lock.c.id == 1)).first()
-            if row is not None and holder_is_alive(row.host, row.pid, row.pid_started, now,
-                                                   row.lease_until):
+            if row is not None and holder_is_alive(
+                row.host, row.pid, row.pid_started, now, row.lease_until
+            ):
                 raise LockHeld(_held_message(row))
             if self._take(me, row.token if row is not None else None):
                 break
         else:
             raise LockHeld("another run is taking the lock at this moment; try again")
-        self._thread = threading.Thread(target=self._renew_until_released, name="lock-lease",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._renew_until_released, name="lock-lease", daemon=True
+        )
         self._thread.start()
 
     def _take(self, me: dict[str, Any], old_token: str | None) -> bool:
@@ -106,8 +115,11 @@ class RunLock:
                 if old_token is None:
                     conn.execute(insert(run_lock).values(id=1, **values))
                 else:
-                    swapped = conn.execute(update(run_lock).where(
-                        run_lock.c.id == 1, run_lock.c.token == old_token).values(**values))
+                    swapped = conn.execute(
+                        update(run_lock)
+                        .where(run_lock.c.id == 1, run_lock.c.token == old_token)
+                        .values(**values)
+                    )
                     if swapped.rowcount != 1:
                         return False
         except IntegrityError:
@@ -118,8 +130,9 @@ class RunLock:
     def set_run(self, run_id: int) -> None:
         """Name the run this lock protects (shown to whoever finds it held)."""
         with self.engine.begin() as conn:
-            conn.execute(update(run_lock).where(run_lock.c.token == self.token)
-                         .values(run_id=run_id))
+            conn.execute(
+                update(run_lock).where(run_lock.c.token == self.token).values(run_id=run_id)
+            )
 
     def renew(self) -> bool:
         """Extend the lease; False (and `lost` set) once the lock is no longer ours.
@@ -130,8 +143,11 @@ class RunLock:
         try:
             with self.engine.begin() as conn:
                 now = database_now(conn)
-                renewed = conn.execute(update(run_lock).where(
-                    run_lock.c.token == self.token).values(lease_until=now + self.lease))
+                renewed = conn.execute(
+                    update(run_lock)
+                    .where(run_lock.c.token == self.token)
+                    .values(lease_until=now + self.lease)
+                )
                 if renewed.rowcount == 1:
                     self._lease_until = now + self.lease
                     return True
@@ -165,5 +181,7 @@ class RunLock:
 def _held_message(row: Any) -> str:
     run = f", run {row.run_id}" if row.run_id is not None else ""
     since = row.acquired_at.astimezone(UTC).isoformat(timespec="seconds")
-    return (f"another run holds the lock: host {row.host}, pid {row.pid}{run}, since "
-            f"{since}; wait for it to finish")
+    return (
+        f"another run holds the lock: host {row.host}, pid {row.pid}{run}, since "
+        f"{since}; wait for it to finish"
+    )

@@ -54,8 +54,11 @@ def horizon(state: Connection, cutoff: datetime) -> int:
 
     A run still marked `running`, and the newest run, are kept whatever their age.
     """
-    first_kept = state.execute(select(func.min(sync_runs.c.id)).where(
-        or_(sync_runs.c.started_at >= cutoff, sync_runs.c.status == "running"))).scalar()
+    first_kept = state.execute(
+        select(func.min(sync_runs.c.id)).where(
+            or_(sync_runs.c.started_at >= cutoff, sync_runs.c.status == "running")
+        )
+    ).scalar()
     newest = state.execute(select(func.max(sync_runs.c.id))).scalar()
     return min(int(first_kept or newest or 0), int(newest or 0))
 
@@ -65,19 +68,24 @@ def prune(state: Connection, cutoff: datetime) -> Pruned:
     first = horizon(state, cutoff)
     if not _anything_before(state, first):
         return Pruned()
-    recent_attempt = exists().where(deliveries.c.update_id == updates.c.id,
-                                    deliveries.c.run_id >= first)
+    recent_attempt = exists().where(
+        deliveries.c.update_id == updates.c.id, deliveries.c.run_id >= first
+    )
     newest_update = select(func.max(updates.c.id)).scalar_subquery()
     # NOT IN, not a correlated EXISTS: SQLite builds the list once.
     marked = updates.c.id.in_(select(uncertain_keys.c.update_id))
-    doomed = select(updates.c.id).where(
-        updates.c.id < newest_update,
-        updates.c.status.not_in(LIVE),
-        updates.c.run_id < first,
-        func.coalesce(updates.c.settled_run_id, 0) < first,
-        ~recent_attempt,
-        ~marked,
-    ).scalar_subquery()
+    doomed = (
+        select(updates.c.id)
+        .where(
+            updates.c.id < newest_update,
+            updates.c.status.not_in(LIVE),
+            updates.c.run_id < first,
+            func.coalesce(updates.c.settled_run_id, 0) < first,
+            ~recent_attempt,
+            ~marked,
+        )
+        .scalar_subquery()
+    )
     # Explicit deletes rather than ON DELETE CASCADE: the counts are reported, and
     # SQLite only cascades on connections that enabled foreign keys.
     gone_changes = state.execute(delete(changes).where(changes.c.update_id.in_(doomed)))
@@ -86,11 +94,13 @@ def prune(state: Connection, cutoff: datetime) -> Pruned:
     # Old attempts of updates that stay (a long-pending one retried every run).
     old_attempts = state.execute(delete(deliveries).where(deliveries.c.run_id < first))
     still_needed = exists().where(updates.c.run_id == sync_runs.c.id)
-    gone_runs = state.execute(delete(sync_runs).where(
-        and_(sync_runs.c.id < first, ~still_needed)))
-    return Pruned(runs=gone_runs.rowcount, updates=gone_updates.rowcount,
-                  changes=gone_changes.rowcount,
-                  deliveries=gone_attempts.rowcount + old_attempts.rowcount)
+    gone_runs = state.execute(delete(sync_runs).where(and_(sync_runs.c.id < first, ~still_needed)))
+    return Pruned(
+        runs=gone_runs.rowcount,
+        updates=gone_updates.rowcount,
+        changes=gone_changes.rowcount,
+        deliveries=gone_attempts.rowcount + old_attempts.rowcount,
+    )
 
 
 def _anything_before(state: Connection, first: int) -> bool:
@@ -102,8 +112,9 @@ def _anything_before(state: Connection, first: int) -> bool:
     """
     old_run = select(sync_runs.c.id).where(sync_runs.c.id < first).limit(1)
     old_attempt = select(deliveries.c.id).where(deliveries.c.run_id < first).limit(1)
-    return (state.execute(old_run).first() is not None
-            or state.execute(old_attempt).first() is not None)
+    return (
+        state.execute(old_run).first() is not None or state.execute(old_attempt).first() is not None
+    )
 
 
 def prune_after_run(engine: Engine, keep_days: int) -> Pruned | None:
@@ -115,8 +126,12 @@ def prune_after_run(engine: Engine, keep_days: int) -> Pruned | None:
         log.warning("history pruning skipped: %s", database_error("state", engine, exc))
         return None
     if pruned.runs or pruned.updates:
-        log.info("pruned %d runs and %d updates older than %d days", pruned.runs,
-                 pruned.updates, keep_days)
+        log.info(
+            "pruned %d runs and %d updates older than %d days",
+            pruned.runs,
+            pruned.updates,
+            keep_days,
+        )
     return pruned
 
 

@@ -89,8 +89,10 @@ def _entity() -> Column[str]:
     """Which kind of thing a row is about; rows written before accounts are contacts."""
     return Column("entity", String(16), nullable=False, server_default=text("'contact'"))
 
+
 sync_runs = Table(
-    "sync_runs", metadata,
+    "sync_runs",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("trigger", String(16), nullable=False),
     Column("status", String(16), nullable=False),
@@ -117,7 +119,8 @@ sync_runs = Table(
 )
 
 entry_keys = Table(
-    "entry_keys", metadata,
+    "entry_keys",
+    metadata,
     Column("key", KEY, primary_key=True),
     Column("kind", String(16), nullable=False),
     Column("name", Text, nullable=False),
@@ -128,7 +131,8 @@ entry_keys = Table(
 )
 
 acked = Table(
-    "acked", metadata,
+    "acked",
+    metadata,
     Column("user_id", USER_ID, nullable=False),
     Column("key", KEY, nullable=False),
     Column("value", Text, nullable=False),
@@ -141,7 +145,8 @@ acked = Table(
 # No foreign key to `updates`: the mark must outlive whatever becomes of the update
 # (superseded, pruned); `update_id` only says which update last made it uncertain.
 uncertain_keys = Table(
-    "uncertain_keys", metadata,
+    "uncertain_keys",
+    metadata,
     Column("user_id", USER_ID, nullable=False),
     Column("key", KEY, nullable=False),
     Column("update_id", Integer, nullable=False),
@@ -151,7 +156,8 @@ uncertain_keys = Table(
 )
 
 ack_versions = Table(
-    "ack_versions", metadata,
+    "ack_versions",
+    metadata,
     Column("user_id", USER_ID, nullable=False),
     Column("version", Integer, nullable=False),
     _entity(),
@@ -159,7 +165,8 @@ ack_versions = Table(
 )
 
 updates = Table(
-    "updates", metadata,
+    "updates",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("message_id", String(64), nullable=False, unique=True),
     Column("user_id", USER_ID, nullable=False),
@@ -188,7 +195,8 @@ updates = Table(
 )
 
 changes = Table(
-    "changes", metadata,
+    "changes",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("update_id", Integer, ForeignKey("updates.id", ondelete="CASCADE"), nullable=False),
     Column("run_id", Integer, nullable=False),
@@ -204,7 +212,8 @@ changes = Table(
 )
 
 deliveries = Table(
-    "deliveries", metadata,
+    "deliveries",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("update_id", Integer, ForeignKey("updates.id", ondelete="CASCADE"), nullable=False),
     Column("run_id", Integer, nullable=False),
@@ -219,7 +228,8 @@ deliveries = Table(
 )
 
 run_lock = Table(
-    "run_lock", metadata,
+    "run_lock",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("token", String(64), nullable=False),
     Column("host", String(255), nullable=False),
