@@ -330,22 +330,7 @@ def section_latency(b: Bench, backend: str) -> None:
             count_note(stats["count"], users),
         )
     )
-    for clock, key in (("arrival", "max_per_second"), ("sent_at", "sent_at_max_per_second")):
-        most = stats[key]
-        b.add(
-            Figure(
-                f"{label}: most in any 1 s ({clock})",
-                backend,
-                users,
-                most,
-                "req",
-                rps,
-                most / rps,
-                f"<= {rps}",
-                most <= rps,
-                note=transit_note(stats) if clock == "arrival" else "",
-            )
-        )
+    add_window_figures(b, label, backend, users, stats, rps)
     path = b.workdir / "latency-bodies.json"
     path.write_text(json.dumps(bodies))
     # All the bodies, so that start-up weighs on both sides alike (45 s at 40/s, 8 threads).
@@ -403,11 +388,18 @@ def section_pace(b: Bench, backend: str) -> None:
             count_note(stats["count"], users),
         )
     )
+    add_window_figures(b, f"paced {rps}/s", backend, users, stats, rps)
+
+
+def add_window_figures(
+    b: Bench, label: str, backend: str, users: int, stats: dict[str, Any], rps: int
+) -> None:
+    """The busiest one-second window, by arrival at the receiver and by `sent_at`."""
     for clock, key in (("arrival", "max_per_second"), ("sent_at", "sent_at_max_per_second")):
         most = stats[key]
         b.add(
             Figure(
-                f"paced {rps}/s: most in any 1 s ({clock})",
+                f"{label}: most in any 1 s ({clock})",
                 backend,
                 users,
                 most,

@@ -406,12 +406,7 @@ def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
 @_handle_errors
 def user_command(user_id: str, config_file: str | None, as_json: bool) -> None:
     """One user's acknowledged state and timeline of changes and deliveries."""
-    _, engine = _setup(config_file)
-    data = _read(engine, lambda conn: history_core.user_timeline(conn, user_id))
-    if as_json:
-        _print_json(data)
-        return
-    views.print_user(views.console(), data)
+    _print_timeline(config_file, as_json, lambda conn: history_core.user_timeline(conn, user_id))
 
 
 @main.command("account")
@@ -421,8 +416,17 @@ def user_command(user_id: str, config_file: str | None, as_json: bool) -> None:
 @_handle_errors
 def account_command(group_id: str, config_file: str | None, as_json: bool) -> None:
     """One account's acknowledged state and timeline of changes and deliveries."""
+    _print_timeline(
+        config_file, as_json, lambda conn: history_core.account_timeline(conn, group_id)
+    )
+
+
+def _print_timeline(
+    config_file: str | None, as_json: bool, read: Callable[[Any], dict[str, Any]]
+) -> None:
+    """`user` and `account`: the acknowledged state and the timeline, as JSON or a view."""
     _, engine = _setup(config_file)
-    data = _read(engine, lambda conn: history_core.account_timeline(conn, group_id))
+    data = _read(engine, read)
     if as_json:
         _print_json(data)
         return
