@@ -2,13 +2,15 @@
 
     take the lock; record the run and its keys (a killed run's in-flight updates
         become uncertain keys first)
-    plan:   snapshot, diff, guard, plan, commit the plan        planning.plan_run
-    send:   every pending update, accounts first                sending.send_pending
+    plan:   snapshot, diff, guard                               planning.plan_run
+    send:   every pending update, accounts first, the plan      sending.send_pending
+            made durable page by page as it is drawn            LivePlan.pages
     finish: status and error (grouped by cause), prune, release the lock
 
 `dry_run` is the plan phase alone, rolled back (planning.dry_run). A crash at any
-point loses nothing: the plan is durable before anything is sent, and the next run
-re-sends what is pending with its original message ids.
+point loses nothing: each update is durable before it is sent, and the next run
+re-sends what is pending, and re-derives what was not yet planned, with the same
+message ids.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ def sync(
         run_id = _start(config, engine, request, lock)
         try:
             try:
-                planned = plan_run(config, engine, run_id, request)
+                with plan_run(config, engine, run_id, request) as plan:
+                    sent = send_pending(config, engine, run_id, seams, lock, plan)
+                    planned = plan.finish()
             except RunHalted as halt:  # nothing of the run was kept; nothing is sent
                 result = _halted(run_id, halt, config)
             else:
-                sent = send_pending(config, engine, run_id, seams, lock)
                 result = _result(engine, config, run_id, planned, sent, seams, lock)
             _finish(engine, result)
             return result

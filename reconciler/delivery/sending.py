@@ -1,12 +1,14 @@
 """The send phase of a run: every pending update, accounts first, paced and retried.
 
-    send_pending(config, engine, run_id, seams, lock)   Sent
+    send_pending(config, engine, run_id, seams, lock, plan)   Sent
 
-Pending updates are read a page at a time, each page marked in flight (committed)
-before it is handed to the sender, so a killed process leaves a trace the next run
-turns into uncertain keys (SPEC §6). Results are recorded in small batches, one
-transaction each, and every acknowledgement moves the acknowledged state in the same
-transaction that records its delivery (ledger.record_deliveries).
+Pending updates are read a page at a time, then the run's plan is drawn a page at a
+time (each page committed as pending updates first, planning.LivePlan); each page is
+marked in flight (committed) before it is handed to the sender, so a killed process
+leaves a trace the next run turns into uncertain keys (SPEC §6). Results are recorded
+in small batches, one transaction each, and every acknowledgement moves the
+acknowledged state in the same transaction that records its delivery
+(ledger.record_deliveries).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from reconciler.state.lock import RunLock
 
 if TYPE_CHECKING:
     from reconciler.delivery.sender import Delivery, Job
+    from reconciler.pipeline.planning import LivePlan
 
 PAGE = 200  # updates marked in flight at a time, a little ahead of the senders
 FLUSH_EVERY = 100
@@ -58,10 +61,18 @@ class _Tally:
     )
 
 
-def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams, lock: RunLock) -> Sent:
-    """Send every pending update, accounts first, each kind oldest first."""
+def send_pending(
+    config: Config,
+    engine: Engine,
+    run_id: int,
+    seams: Seams,
+    lock: RunLock,
+    plan: LivePlan | None = None,
+) -> Sent:
+    """Send every pending update, accounts first, each kind oldest first, then the
+    pages of this run's `plan` of that kind as they are made durable."""
     with engine.connect() as conn:
-        total = count_pending(conn)
+        total = count_pending(conn) + (plan.expected if plan else 0)
         conn.commit()
         if not total:  # the common no-change run: no client, no thread, no TLS set-up
             if seams.progress:
@@ -85,7 +96,7 @@ def send_pending(config: Config, engine: Engine, run_id: int, seams: Seams, lock
                 # contacts start.
                 batch: list[Delivery] = []
                 flushed = time.monotonic()
-                for delivery in sender.deliver(_jobs(conn, entity)):
+                for delivery in sender.deliver(_jobs(conn, entity, plan)):
                     batch.append(delivery)
                     if len(batch) >= FLUSH_EVERY or time.monotonic() - flushed > FLUSH_SECONDS:
                         done += _flush(conn, run_id, batch, tally, entity)
@@ -109,18 +120,28 @@ def _pending_by_kind(conn: Connection, tally: _Tally) -> dict[str, dict[str, int
     }
 
 
-def _jobs(conn: Connection, entity: str) -> Iterator[Job]:
-    """Pending updates of one kind, oldest first, each page marked in flight before it
-    is sent."""
+def _jobs(conn: Connection, entity: str, plan: LivePlan | None) -> Iterator[Job]:
+    """Pending updates of one kind, oldest first, then the plan's pages of that kind;
+    each page marked in flight before it is sent."""
     from reconciler.delivery.sender import Job
 
     after = 0
     while page := pending_page(conn, after, PAGE, entity):
-        mark_in_flight(conn, [update_id for update_id, _, _ in page], datetime.now(UTC))
-        conn.commit()
-        for update_id, message_id, body in page:
-            yield Job(update_id, message_id, body)
+        yield from _handed_over(conn, page, Job)
         after = page[-1][0]
+    if plan is not None:
+        for planned in plan.pages(entity):
+            for start in range(0, len(planned), PAGE):
+                yield from _handed_over(conn, planned[start : start + PAGE], Job)
+
+
+def _handed_over(
+    conn: Connection, page: list[tuple[int, str, str]], job: type[Job]
+) -> Iterator[Job]:
+    mark_in_flight(conn, [update_id for update_id, _, _ in page], datetime.now(UTC))
+    conn.commit()
+    for update_id, message_id, body in page:
+        yield job(update_id, message_id, body)
 
 
 def _flush(conn: Connection, run_id: int, batch: list[Delivery], tally: _Tally, entity: str) -> int:

@@ -73,7 +73,7 @@ def fill_diff(state: Connection) -> None:
         _insert_diff(state)
     # Without the entity: lookups filter on it after (user_id, key), which ids of a user
     # and an account rarely share; a narrower index builds faster.
-    state.exec_driver_sql("CREATE INDEX diff_user ON diff (user_id, key)")
+    state.exec_driver_sql("CREATE INDEX diff_user ON diff (entity, user_id, key)")
     _fill_kept(state)
     state.exec_driver_sql(
         "DELETE FROM diff WHERE (entity, user_id) IN (SELECT entity, user_id FROM kept)"

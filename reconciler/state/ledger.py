@@ -67,12 +67,13 @@ def update_run(state: Connection, run_id: int, **values: Any) -> None:
     state.execute(update(sync_runs).where(sync_runs.c.id == run_id).values(**values))
 
 
-def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
-    """Make the temp `plan` durable: supersede stale live updates, add the new ones.
+def supersede_stale(state: Connection) -> int:
+    """Retire every live update the run does not keep (the temp `kept`); the largest
+    update id so far, from which this run's updates are numbered (`base + seq`).
 
-    An update whose message id already exists (superseded earlier, the same logical
-    update derived again) is revived with its original id, timestamp and body.
-    Skipped updates are settled at once: acknowledged as if sent (SPEC §5).
+    The first step of making a plan durable, before any of its pages (`commit_page`):
+    an update superseded here whose users' page never gets written (a stopped or
+    killed run) is derived again, with the same id, by the next run's diff.
     """
     # A write first: on SQLite it takes the write lock before anything is read.
     state.execute(
@@ -82,13 +83,47 @@ def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
             "AND id NOT IN (SELECT update_id FROM kept)"
         )
     )
-    base = state.execute(select(func.coalesce(func.max(updates.c.id), 0))).scalar_one()
+    return int(state.execute(select(func.coalesce(func.max(updates.c.id), 0))).scalar_one())
+
+
+def commit_page(
+    state: Connection,
+    run_id: int,
+    observed_at: datetime,
+    base: int,
+    page: Sequence[tuple[Any, ...]],
+) -> list[tuple[int, str, str]]:
+    """Make one page of the temp `plan` durable (`page`: its rows, as written there,
+    seq first); its pending updates as (id, message_id, body), in plan order, for the
+    sender.
+
+    An update whose message id already exists (superseded earlier, the same logical
+    update derived again) is revived with its original id, timestamp and body.
+    Skipped updates are settled at once: acknowledged as if sent (SPEC §5).
+    """
+    if not page:
+        return []
+    bounds = {"first": page[0][0], "last": page[-1][0]}
+    # A write first (see supersede_stale).
     state.execute(
         text(
             "UPDATE updates SET status = 'pending' WHERE status = 'superseded' "
-            "AND message_id IN (SELECT message_id FROM plan)"
-        )
+            "AND message_id IN (SELECT message_id FROM plan WHERE seq BETWEEN :first AND :last)"
+        ),
+        bounds,
     )
+    # The page's message ids that existed before it: revived above, or settled.
+    earlier = {
+        str(row[0]): (int(row[1]), str(row[2]), str(row[3]))
+        for row in state.execute(
+            text("""
+            SELECT p.message_id, u.id, u.body, u.status
+            FROM plan AS p JOIN updates AS u ON u.message_id = p.message_id
+            WHERE p.seq BETWEEN :first AND :last
+        """),
+            bounds,
+        )
+    }
     state.execute(
         text("""
         INSERT INTO updates (id, message_id, user_id, version, resync_run_id, run_id,
@@ -96,9 +131,10 @@ def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
         SELECT :base + p.seq, p.message_id, p.user_id, p.version, p.resync_run_id, :run,
                :observed, p.status, p.body, p.note, 0, p.entity
         FROM plan AS p
-        WHERE NOT EXISTS (SELECT 1 FROM updates AS u WHERE u.message_id = p.message_id)
+        WHERE p.seq BETWEEN :first AND :last
+          AND NOT EXISTS (SELECT 1 FROM updates AS u WHERE u.message_id = p.message_id)
     """).bindparams(bindparam("observed", type_=updates.c.observed_at.type)),
-        {"base": base, "run": run_id, "observed": observed_at},
+        {**bounds, "base": base, "run": run_id, "observed": observed_at},
     )
     state.execute(
         text("""
@@ -106,13 +142,27 @@ def commit_plan(state: Connection, run_id: int, observed_at: datetime) -> None:
                              entity)
         SELECT :base + p.seq, :run, d.user_id, d.key, d.kind, d.old_value, d.new_value,
                d.entity
-        FROM diff AS d JOIN plan AS p ON p.entity = d.entity AND p.user_id = d.user_id
-        WHERE EXISTS (SELECT 1 FROM updates AS u WHERE u.id = :base + p.seq)
+        FROM plan AS p JOIN diff AS d ON d.entity = p.entity AND d.user_id = p.user_id
+        WHERE p.seq BETWEEN :first AND :last
+          AND EXISTS (SELECT 1 FROM updates AS u WHERE u.id = :base + p.seq)
     """),
-        {"base": base, "run": run_id},
+        {**bounds, "base": base, "run": run_id},
     )
-    skipped = "SELECT id FROM updates WHERE run_id = :run AND status = 'skipped'"
-    acknowledge(state, skipped, {"run": run_id}, "skipped", run_id, observed_at)
+    skipped = (
+        "SELECT id FROM updates WHERE id BETWEEN :base + :first AND :base + :last "
+        "AND run_id = :run AND status = 'skipped'"
+    )
+    acknowledge(state, skipped, {**bounds, "base": base}, "skipped", run_id, observed_at)
+    # The bodies are the page's own, but for a revived update: its original ones.
+    pending = []
+    for seq, _user, message_id, _version, _resync, body, status, *_ in page:
+        if message_id in earlier:
+            update_id, body, status = earlier[message_id]
+        else:
+            update_id = base + seq
+        if status == "pending":
+            pending.append((update_id, message_id, body))
+    return pending
 
 
 def acknowledge(
