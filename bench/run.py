@@ -644,6 +644,8 @@ def add_peer_figures(
     after = median([m.ended_at - s["last_arrival"] for m, s in ours])
     outside = median([m.seconds - sending_span(s) for m, s in ours])
     counts = [s["count"] for _, s in ours]
+    cpu = median([m.cpu_seconds for m, _ in ours])
+    drt_cpu = median([m.cpu_seconds for m, _ in theirs])
     b.add(
         Figure(
             f"initial sync of {users:,} users: reconciler vs {PEER_LABEL}",
@@ -663,7 +665,8 @@ def add_peer_figures(
                 "peer_runs": [round(m.seconds, 3) for m, _ in theirs],
             },
             f"whole processes, unpaced; reconciler at concurrency 20 (requests received "
-            f"{counts}); baseline: {PEER_LABEL}; {bodies_note}",
+            f"{counts}); baseline: {PEER_LABEL}; CPU {cpu:.1f} s against {drt_cpu:.1f} s; "
+            f"{bodies_note}",
         )
     )
     b.add(drt_row)
