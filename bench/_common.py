@@ -52,6 +52,8 @@ class Measured:
     stdout: str
     stderr: str
     cpu_seconds: float = float("nan")  # user + system time of the command itself
+    started_at: float = float("nan")  # time.time() at the spawn, the receiver's clock
+    ended_at: float = float("nan")  # time.time() at the reap
 
     def tail(self, lines: int = 8) -> str:
         """The last lines of stderr (or stdout when stderr is empty), for error reports."""
@@ -67,7 +69,11 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_measured(
-    argv: Sequence[str | os.PathLike[str]], *, timeout: float, cwd: Path | None = None
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Measured:
     """Run ``argv`` to completion and measure it as a whole process.
 
@@ -76,6 +82,7 @@ def run_measured(
     the harness's size would leak into the child's peak RSS (see ``_measure.py``), and
     ``RUSAGE_CHILDREN`` would give the maximum over every child ever run. A command still
     running after ``timeout`` seconds is killed with its process group (return code -9).
+    ``env`` replaces the whole environment (default: ``child_env()``).
     """
     args = tuple(str(a) for a in argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +96,7 @@ def run_measured(
                 stderr=err_file,
                 stdin=subprocess.DEVNULL,
                 cwd=cwd,
-                env=child_env(),
+                env=child_env() if env is None else dict(env),
                 start_new_session=True,
             )
             try:
@@ -109,6 +116,8 @@ def run_measured(
             stdout,
             stderr,
             cost.get("cpu_seconds", float("nan")),
+            cost.get("started_at", float("nan")),
+            cost.get("ended_at", float("nan")),
         )
 
 

@@ -75,6 +75,8 @@ class Record:
         return {
             "count": len(arrivals),
             "span_seconds": (arrivals[-1] - arrivals[0]) if arrivals else 0.0,
+            "first_arrival": min(arrivals, default=None),
+            "last_arrival": max(arrivals, default=None),
             "rate": achieved_rate(arrivals),
             "max_per_second": max_in_window(arrivals),
             "sent_at_count": len(self.sent_at),

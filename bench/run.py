@@ -18,6 +18,9 @@ Sections (``--only``; default all, in this order), each on every ``--backend``:
 ``accounts`` (a) with N/10 accounts beside the N users (SPEC §9) at N/10, 3N/10 and N
           users, against (a) without them: slope per 1M users + accounts, linearity,
           RSS growth.
+``peer``  initial ``sync`` of ``--peer-users`` users (unpaced, concurrency 20) against
+          drt-core 1.2.1 (``peer.py``) posting one body per user to the same receiver
+          from the same source: whole-process time, send rates, time outside sending.
 
 Every figure is the median of ``--runs`` rounds; each round runs the baseline and the CLI
 back to back. The CLI is driven as a user drives it (SPEC §4); without it, only the
@@ -47,13 +50,17 @@ from _harness import (
     median_seconds,
     peak_rss,
     raw_send,
+    timeout_for,
 )
 from _report import Figure, json_line, table
 from gen_source import ensure_accounts, ensure_source, flip_memberships
+from peer import BATCH_SIZE as PEER_BATCH
+from peer import LABEL as PEER_LABEL
+from peer import Peer, PeerError
 from receiver import Receiver
 
 BACKENDS = ("sqlite", "postgresql")
-SECTIONS = ("dry", "send", "pace", "latency", "scale", "accounts")
+SECTIONS = ("dry", "send", "pace", "latency", "scale", "accounts", "peer")
 RATIO_TARGET = 1.5
 RSS_LIMIT_MB = 150.0
 RSS_FLAT = 1.2  # "flat": peak RSS at N at most 20 % above peak RSS at N/10
@@ -553,6 +560,174 @@ def section_accounts(b: Bench, backend: str) -> None:
     )
 
 
+def section_peer(b: Bench, backend: str) -> None:
+    """Initial sync of ``--peer-users`` users: reconciler against drt-core, round by round.
+
+    Each round runs reconciler's ``sync`` on a fresh state (the ``dry`` setup's config:
+    unpaced, concurrency 20), then ``drt run`` on a fresh project, to the same receiver.
+    Both must deliver exactly one request per user, or the section fails.
+    """
+    users: int = b.args.peer_users
+    source = ensure_source(b.workdir, users)
+    peer = Peer(b.workdir)
+    peer.ensure(log)
+    ours: list[tuple[Measured, dict[str, Any]]] = []
+    theirs: list[tuple[Measured, dict[str, Any]]] = []
+    bodies: dict[str, list[str]] = {}
+    for i in range(b.runs):
+        with cli_session(b, backend, source, "peer", users) as cli:
+            b.receiver.reset(keep_bodies=i == 0)
+            if run := cli("sync"):
+                ours.append((run, b.receiver.stats()))
+                if i == 0:
+                    bodies["reconciler"] = b.receiver.bodies()
+        b.receiver.reset(keep_bodies=i == 0)
+        drt = peer.run(source, b.receiver.url, timeout=timeout_for(users))
+        stats = b.receiver.stats()
+        log(
+            f"    drt run: exit {drt.returncode}, {drt.seconds:.2f} s, {drt.peak_rss_mb:.0f} MB, "
+            f"{stats['count']} requests ({stats['rate']:.0f}/s at the receiver)"
+        )
+        if drt.returncode != 0:
+            raise PeerError(f"drt run exited {drt.returncode}:\n{drt.tail()}")
+        theirs.append((drt, stats))
+        if i == 0:
+            bodies["drt"] = b.receiver.bodies()
+    counts = {
+        name: [stats["count"] for _, stats in runs]
+        for name, runs in (("reconciler", ours), (PEER_LABEL, theirs))
+    }
+    wrong = {name: n for name, n in counts.items() if any(c != users for c in n)}
+    if all(c >= 2 for n in counts.values() for c in n):  # rates and spans are defined
+        add_peer_figures(b, backend, users, ours, theirs, peer.packages(), compare_bodies(bodies))
+    if wrong:
+        raise PeerError(f"expected {users} requests per run, the receiver got {wrong}")
+
+
+def add_peer_figures(
+    b: Bench,
+    backend: str,
+    users: int,
+    ours: list[tuple[Measured, dict[str, Any]]],
+    theirs: list[tuple[Measured, dict[str, Any]]],
+    packages: list[str],
+    bodies_note: str,
+) -> None:
+    """The peer rows: wall time (ratio, target < 1), send rates, time outside sending."""
+    drt_seconds = median_seconds([m for m, _ in theirs])
+    drt_rate = median([s["rate"] for _, s in theirs])
+    drt_outside = median([m.seconds - sending_span(s) for m, s in theirs])
+    drt_counts = [s["count"] for _, s in theirs]
+    drt_row = Figure(
+        f"{PEER_LABEL} initial sync, whole process",
+        backend,
+        users,
+        drt_seconds,
+        "s",
+        rss_mb=peak_rss([m for m, _ in theirs]),
+        extra={
+            "runs": [round(m.seconds, 3) for m, _ in theirs],
+            "cpu_s": [round(m.cpu_seconds, 3) for m, _ in theirs],
+            "requests": drt_counts,
+            "rates": [s["rate"] for _, s in theirs],
+            "packages": packages,
+        },
+        note=f"requests received {drt_counts}; {drt_rate:.0f}/s at the receiver; "
+        f"one request at a time, a new connection every {PEER_BATCH} rows",
+    )
+    if not ours:
+        b.add(drt_row)
+        return
+    seconds = median_seconds([m for m, _ in ours])
+    rate = median([s["rate"] for _, s in ours])
+    before = median([s["first_arrival"] - m.started_at for m, s in ours])
+    after = median([m.ended_at - s["last_arrival"] for m, s in ours])
+    outside = median([m.seconds - sending_span(s) for m, s in ours])
+    counts = [s["count"] for _, s in ours]
+    cpu = median([m.cpu_seconds for m, _ in ours])
+    drt_cpu = median([m.cpu_seconds for m, _ in theirs])
+    b.add(
+        Figure(
+            f"initial sync of {users:,} users: reconciler vs {PEER_LABEL}",
+            backend,
+            users,
+            seconds,
+            "s",
+            drt_seconds,
+            seconds / drt_seconds,
+            "< 1x (faster than it)",
+            seconds < drt_seconds,
+            peak_rss([m for m, _ in ours]),
+            {
+                "runs": [round(m.seconds, 3) for m, _ in ours],
+                "cpu_s": [round(m.cpu_seconds, 3) for m, _ in ours],
+                "requests": counts,
+                "peer_runs": [round(m.seconds, 3) for m, _ in theirs],
+            },
+            f"whole processes, unpaced; reconciler at concurrency 20 (requests received "
+            f"{counts}); baseline: {PEER_LABEL}; CPU {cpu:.1f} s against {drt_cpu:.1f} s; "
+            f"{bodies_note}",
+        )
+    )
+    b.add(drt_row)
+    b.add(
+        Figure(
+            f"initial sync send rate: reconciler vs {PEER_LABEL}",
+            backend,
+            users,
+            rate,
+            "req/s",
+            drt_rate,
+            rate / drt_rate,
+            extra={"rates": [s["rate"] for _, s in ours]},
+            note="(requests - 1) / (last - first arrival), at the receiver",
+        )
+    )
+    b.add(
+        Figure(
+            "reconciler initial sync: time outside sending",
+            backend,
+            users,
+            outside,
+            "s",
+            drt_outside,
+            extra={"before_first_s": before, "after_last_s": after, "runs": len(ours)},
+            note=f"whole process - (last - first arrival): {before:.2f} s before the first "
+            f"request, {after:.2f} s after the last; baseline: {PEER_LABEL}'s",
+        )
+    )
+
+
+def sending_span(stats: dict[str, Any]) -> float:
+    """Seconds from the first request's arrival to the last one's."""
+    span: float = stats["last_arrival"] - stats["first_arrival"]
+    return span
+
+
+def compare_bodies(bodies: dict[str, list[str]]) -> str:
+    """Whether both tools sent the same user fields and ``custom`` values (ids and times
+    aside), and their mean body sizes: a note for the table."""
+    if len(bodies) < 2:
+        return ""
+    decoded = {}
+    for name, raw in bodies.items():
+        by_user = {}
+        for body in raw:
+            fields = json.loads(body)
+            for key in ("message_id", "timestamp", "sent_at"):
+                fields.pop(key, None)
+            by_user[fields["user_id"]] = fields
+        decoded[name] = by_user
+    ours, theirs = decoded["reconciler"], decoded["drt"]
+    differ = sum(1 for uid in ours.keys() | theirs.keys() if ours.get(uid) != theirs.get(uid))
+    sizes = {name: sum(map(len, raw)) / max(1, len(raw)) for name, raw in bodies.items()}
+    same = "the same" if differ == 0 else f"{differ:,} users differing in their"
+    return (
+        f"bodies: {same} user fields and custom values (ids and times aside); mean body "
+        f"{sizes['reconciler']:.0f} B against {sizes['drt']:.0f} B"
+    )
+
+
 SECTION_FUNCS: dict[str, Callable[[Bench, str], None]] = {
     "dry": section_dry,
     "send": section_send,
@@ -560,6 +735,7 @@ SECTION_FUNCS: dict[str, Callable[[Bench, str], None]] = {
     "latency": section_latency,
     "scale": section_scale,
     "accounts": section_accounts,
+    "peer": section_peer,
 }
 
 
@@ -578,10 +754,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-rps", type=int, default=40)
     parser.add_argument("--latency-seconds", type=int, default=60)
     parser.add_argument("--latency-ms", type=float, default=150.0)
+    parser.add_argument("--peer-users", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.users < 1000:
-        parser.error("--runs must be at least 1 and --users at least 1000")
+    if args.runs < 1 or args.users < 1000 or args.peer_users < 1000:
+        parser.error("--runs must be at least 1, --users and --peer-users at least 1000")
     return args
 
 
