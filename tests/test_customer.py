@@ -203,6 +203,27 @@ def test_contact_message_ids_are_what_they_were_before_accounts():
     assert message_id("u1", 3, None, [("high_value_users", "true"), ("ltv", "12")]) == before
 
 
+@given(
+    st.text(min_size=1, max_size=30),
+    st.integers(min_value=0, max_value=10**6),
+    st.none() | st.integers(min_value=1, max_value=10**6),
+    st.lists(st.tuples(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), st.text(max_size=12))),
+    st.sampled_from(["contact", "customer"]),
+)
+def test_message_ids_are_the_uuid5_form_of_the_digest(user_id, version, resync, changed, entity):
+    """message_id formats the digest itself; it must be exactly what uuid.UUID writes."""
+    import hashlib
+    import uuid
+
+    parts = [f"{len(user_id)}:{user_id}", str(version), str(resync)]
+    parts += [f"{key}={value}" for key, value in changed]
+    if entity != "contact":
+        parts.insert(0, entity)
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()[:16]
+    expected = str(uuid.UUID(bytes=digest, version=5))
+    assert message_id(user_id, version, resync, changed, entity) == expected
+
+
 blankish = st.sampled_from(["", " ", "\t"])
 maybe = st.none() | st.text(max_size=20) | blankish
 fields = st.fixed_dictionaries(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,8 +65,13 @@ def message_id(
     if entity != "contact":
         parts = (entity, *parts)
     canonical = "\x1f".join(parts)
-    digest = hashlib.sha256(canonical.encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=5))
+    digest = bytearray(hashlib.sha256(canonical.encode()).digest()[:16])
+    # What str(uuid.UUID(bytes=digest, version=5)) gives, without building the object
+    # (a tenth of a plan's time at 100,000 users): version 5, RFC 4122 variant.
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass
