@@ -117,6 +117,7 @@ def write_config(
     rps: float = 0,
     concurrency: int = 20,
     accounts: bool = False,
+    max_attempts: int | None = None,
 ) -> Path:
     """Write a config file (SPEC §3; with ``accounts``, §9 too) for the generated source
     and return its path."""
@@ -132,6 +133,7 @@ def write_config(
         f"webhook_url = {q(webhook)}",
         f"requests_per_second = {rps}",
         f"max_concurrency = {concurrency}",
+        *([f"max_attempts = {max_attempts}"] if max_attempts else []),
         "",
         "[profile]",
         f"query = {q(PROFILE_QUERY)}",
@@ -185,8 +187,9 @@ class Cli:
         self.b, self.config, self.users, self.label = b, config, users, label
         self.failed = config is None
 
-    def __call__(self, *args: str) -> Measured | None:
-        """Run ``reconciler ARGS --config CONFIG`` once, measured; None once anything failed."""
+    def __call__(self, *args: str, expect: int = 0) -> Measured | None:
+        """Run ``reconciler ARGS --config CONFIG`` once, measured; None once anything failed
+        (an exit status other than ``expect``)."""
         if self.failed or self.config is None:
             return None
         argv = [str(RECONCILER), *args, "--config", str(self.config)]
@@ -195,7 +198,7 @@ class Cli:
             f"    reconciler {' '.join(args)}: exit {measured.returncode}, "
             f"{measured.seconds:.2f} s, {measured.peak_rss_mb:.0f} MB"
         )
-        if measured.returncode != 0:
+        if measured.returncode != expect:
             self.failed = True
             self.b.errors.append(
                 f"{self.label}: reconciler {' '.join(args)} exited "
@@ -217,6 +220,7 @@ def cli_session(
     rps: float = 0,
     concurrency: int = 20,
     accounts: bool = False,
+    max_attempts: int | None = None,
 ) -> Iterator[Cli]:
     """A ``Cli`` on a fresh, migrated state database (an inert one without the CLI)."""
     if not b.cli_ok:
@@ -236,6 +240,7 @@ def cli_session(
             rps=rps,
             concurrency=concurrency,
             accounts=accounts,
+            max_attempts=max_attempts,
         )
         cli = Cli(b, config, users, f"{tag}/{backend}/{users:,}")
         cli("migrate")

@@ -38,6 +38,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\
 MAX_HEAD = 64 * 1024
 
 
+def answer_with(status: int) -> bytes:
+    """A webhook answer with this status and an empty JSON object."""
+    return f"HTTP/1.1 {status} Status\r\nContent-Type: application/json\r\n".encode() + (
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+
+
 class Record:
     """What arrived since the last reset."""
 
@@ -46,13 +53,16 @@ class Record:
 
     def reset(self, options: dict[str, list[str]]) -> None:
         """Forget everything; ``keep_bodies=1`` keeps bodies, ``sent_at=1`` parses them,
-        ``delay=S`` answers every webhook request S seconds after it arrived."""
+        ``delay=S`` answers every webhook request S seconds after it arrived, ``status=N``
+        answers it with that status (200 unless told)."""
         self.arrivals: list[float] = []
         self.bodies: list[bytes] = []
         self.sent_at: list[float] = []
         self.keep_bodies = options.get("keep_bodies") == ["1"]
         self.parse_sent_at = options.get("sent_at") == ["1"]
         self.delay = float(options.get("delay", ["0"])[0])
+        status = int(options.get("status", ["200"])[0])
+        self.answer = OK if status == 200 else answer_with(status)
         self.errors = 0
 
     def add(self, body: bytes, at: float) -> None:
@@ -218,7 +228,7 @@ class HttpConnection:
         if not url.path.startswith("/_ctl/"):
             if method == "POST":
                 self.record.add(body, at)
-            return OK
+            return self.record.answer
         payload: Any
         if url.path == "/_ctl/reset":
             self.record.reset(parse_qs(url.query))
@@ -284,12 +294,18 @@ class Receiver:
             return json.loads(response.read())
 
     def reset(
-        self, *, keep_bodies: bool = False, sent_at: bool = False, delay: float = 0.0
+        self,
+        *,
+        keep_bodies: bool = False,
+        sent_at: bool = False,
+        delay: float = 0.0,
+        status: int = 200,
     ) -> None:
-        """Forget what arrived; optionally keep bodies, parse their ``sent_at``, or answer
-        each webhook request ``delay`` seconds after it arrived."""
+        """Forget what arrived; optionally keep bodies, parse their ``sent_at``, answer
+        each webhook request ``delay`` seconds after it arrived, or with ``status``."""
         self._control(
             f"/_ctl/reset?keep_bodies={int(keep_bodies)}&sent_at={int(sent_at)}&delay={delay!r}"
+            f"&status={int(status)}"
         )
 
     def stats(self) -> dict[str, Any]:

@@ -223,7 +223,11 @@ def _changed_figure(
 
 
 def section_send(b: Bench, backend: str) -> None:
-    """Initial sync of ``--send-users`` users, unpaced at concurrency 20, against raw httpx."""
+    """``--send-users`` pending updates sent unpaced at concurrency 20, against raw httpx.
+
+    The sender alone: a first ``sync`` plans every update and leaves it pending (each
+    request answered 503), so the measured run has nothing to plan; an initial sync,
+    whose plan is built page by page while it sends, is the ``peer`` section's."""
     users: int = b.args.send_users
     source = ensure_source(b.workdir, users)
     bodies_path = b.workdir / "send-bodies.json"
@@ -234,7 +238,11 @@ def section_send(b: Bench, backend: str) -> None:
     notes: list[str] = []
     raw: dict[str, list[dict[str, Any]]] = {"sequential": [], "async": []}
     for i in range(b.runs):
-        with cli_session(b, backend, source, "send", users) as cli:
+        with cli_session(b, backend, source, "send", users, max_attempts=1) as cli:
+            # Every update planned and left pending: one 503 each (certainly not
+            # delivered, SPEC §6), then the measured run sends them with nothing to plan.
+            b.receiver.reset(status=503)
+            cli("sync", expect=1)
             b.receiver.reset(keep_bodies=i == 0)
             if run := cli("sync"):
                 stats = b.receiver.stats()
@@ -295,7 +303,7 @@ def section_send(b: Bench, backend: str) -> None:
                 raw_cpu,
                 median(cpu) / raw_cpu,
                 extra={"runs": cpu, "baseline": "raw httpx sequential"},
-                note="whole processes: the sync's snapshot, plan and recording count",
+                note="whole processes: the sync's start-up, snapshot, diff and recording count",
             )
         )
 
