@@ -760,6 +760,17 @@ SECTION_FUNCS: dict[str, Callable[[Bench, str], None]] = {
 }
 
 
+def _section(text: str) -> tuple[str, str | None]:
+    """``--only dry`` or ``--only dry:sqlite``."""
+    name, _, backend = text.partition(":")
+    if name not in SECTIONS or (backend and backend not in BACKENDS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected one of {', '.join(SECTIONS)}, optionally followed by "
+            f":{' or :'.join(BACKENDS)}"
+        )
+    return name, backend or None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The harness's options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -767,7 +778,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="rounds per figure (median)")
     parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="both")
     parser.add_argument(
-        "--only", choices=SECTIONS, action="append", help="run only this section (repeatable)"
+        "--only",
+        type=_section,
+        action="append",
+        metavar="SECTION[:BACKEND]",
+        help=f"run only this section ({', '.join(SECTIONS)}; repeatable), on every --backend "
+        "or on the one named",
     )
     parser.add_argument("--send-users", type=int, default=20_000)
     parser.add_argument("--pace-rps", type=int, default=200)
@@ -800,8 +816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Receiver() as receiver:
         b = Bench(args, receiver, cli_ok)
         log(f"receiver on {receiver.base}; workdir {args.workdir}")
-        for section in args.only or SECTIONS:
-            for backend in backends:
+        for section, only_on in args.only or [(name, None) for name in SECTIONS]:
+            for backend in backends if only_on is None else (only_on,):
                 log(f"[{section} / {backend}]")
                 try:
                     SECTION_FUNCS[section](b, backend)
