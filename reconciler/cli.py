@@ -5,6 +5,10 @@ function, prints, and maps our errors to the exit statuses of SPEC §4 (one line
 stderr, never a traceback; RECONCILER_DEBUG=1 shows one for unexpected errors).
 Output cut short by its reader (`reconciler history | head -1`) ends the command
 quietly with status 141, as a process killed by SIGPIPE reports in a shell.
+
+A command imports the core modules it calls in its own body: what a process loads is
+what its command uses, so `sync` loads no scheduler, no metrics and no terminal tables,
+a dry run no HTTP client either, and `--help` none of the pipeline (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -18,25 +22,18 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
-from reconciler import summaries, views
-from reconciler.config import Config, config_path, load_config
 from reconciler.errors import ReconcilerError, UsageError
-from reconciler.ops import check as check_core
 from reconciler.ops import logs
-from reconciler.ops.daemon import require_schedule, run_daemon
-from reconciler.pipeline.fields import field_keys
-from reconciler.pipeline.guard import resolve_accepted
-from reconciler.redact import Redactor, install_log_redaction
-from reconciler.run import DryRunReport, RunRequest, RunResult, Seams, dry_run, sync
-from reconciler.state import history as history_core
-from reconciler.state.db import database_error, migrate, state_engine
-from reconciler.state.retention import prune_now
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from reconciler.config import Config
+    from reconciler.run import DryRunReport, RunRequest, RunResult, Seams
 
 F = TypeVar("F", bound=Callable[..., Any])
 # 128 + SIGPIPE: what a shell reports for `cat big | head -1`, seen by `set -o pipefail`
@@ -105,6 +102,8 @@ _REDACT = "reconciler.redact"  # the command's context keeps its config's redact
 def _redact(text: str) -> str:
     """Masks the secrets of the loaded config; before one is loaded, any URL's path and
     password."""
+    from reconciler.redact import Redactor
+
     ctx = click.get_current_context(silent=True)
     redact = ctx.meta.get(_REDACT) if ctx is not None else None
     return (redact or Redactor())(text)
@@ -119,6 +118,9 @@ def _setup(
     config_file: str | None, check: Callable[[Config], object] | None = None
 ) -> tuple[Config, Engine]:
     """Load the config (and `check` it) and bring the state database to the newest schema."""
+    from reconciler.config import config_path, load_config
+    from reconciler.state.db import migrate
+
     config = load_config(config_path(config_file))
     if check is not None:
         check(config)  # before anything is written
@@ -129,6 +131,14 @@ def _setup(
     if created:
         click.echo(f"reconciler: {created}", err=True)
     return config, engine
+
+
+def state_engine(url: str) -> Engine:
+    """The state database's engine (reconciler.state.db): imported when a command needs
+    one, so that `--help` loads no SQLAlchemy. Tests replace this to track the engines."""
+    from reconciler.state import db
+
+    return db.state_engine(url)
 
 
 def _print_json(data: Any) -> None:
@@ -158,12 +168,22 @@ def _print_json(data: Any) -> None:
 def main(ctx: click.Context, config_file: str | None) -> None:
     """Sync SQL audiences and computed traits to ChartMogul's Send Contact and Send
     Customer webhook."""
+    _without_httpx_cli()
     if config_file is not None:
         # The default of every command's own --config, so one given there still wins.
         ctx.default_map = {
             **(ctx.default_map or {}),
             **{name: {"config_file": config_file} for name in main.commands},
         }
+
+
+def _without_httpx_cli() -> None:
+    """httpx's package imports its own command-line client (`httpx._main`) whenever
+    click, rich and pygments are installed, as they are here: rich's console, progress,
+    syntax and table modules and pygments' lexers, about 0.1 s of every run that sends.
+    Marked absent, httpx defines its stand-in `httpx.main` instead, as it does without
+    its `cli` extra; no command of ours runs httpx's command line."""
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 
 @main.command("migrate")
@@ -189,6 +209,9 @@ def sync_command(
     config_file: str | None, dry_run: bool, as_json: bool, accept_exits: tuple[str, ...]
 ) -> None:
     """Run one sync now: snapshot, diff, send, record."""
+    from reconciler.pipeline.guard import resolve_accepted
+    from reconciler.run import RunRequest
+
     config, engine = _setup(config_file, check=lambda c: resolve_accepted(c, accept_exits))
     accepted = resolve_accepted(config, accept_exits)
     if dry_run:
@@ -201,6 +224,8 @@ def sync_command(
 
 
 def _dry_run(config: Config, engine: Engine, accepted: frozenset[str]) -> DryRunReport:
+    from reconciler.run import dry_run
+
     return dry_run(config, engine, accept_exits=accepted)
 
 
@@ -216,6 +241,8 @@ def resync_command(
     config_file: str | None, key: str | None, as_json: bool, accept_exits: tuple[str, ...]
 ) -> None:
     """Send every user's current value for every key (or one key), acknowledged or not."""
+    from reconciler.pipeline.guard import resolve_accepted
+    from reconciler.run import RunRequest
 
     def check(config: Config) -> None:
         _resync_keys(config, key)
@@ -234,6 +261,8 @@ def resync_command(
 
 
 def _resync_keys(config: Config, key: str | None) -> list[str]:
+    from reconciler.pipeline.fields import field_keys
+
     keys = [e.key for e in config.entries]
     if key is not None and key not in keys:
         raise UsageError(f'unknown key "{key}"; known keys: {", ".join(keys) or "none"}')
@@ -243,12 +272,30 @@ def _resync_keys(config: Config, key: str | None) -> list[str]:
 
 def _run(config: Config, engine: Engine, request: RunRequest, as_json: bool) -> RunResult:
     """One run, with a progress bar when stdout is a terminal; a signal stops it gently."""
-    out = views.console()
+    from reconciler.run import Seams, sync
+
     seams = Seams()
     with _stop_on_signal(seams), contextlib.ExitStack() as stack:
-        if out.is_terminal and not as_json:
-            seams.progress = stack.enter_context(views.progress_bar(out))
+        if not as_json and _may_be_terminal():
+            from reconciler import views  # rich: only a terminal gets the progress bar
+
+            out = views.console()
+            if out.is_terminal:
+                seams.progress = stack.enter_context(views.progress_bar(out))
         return sync(config, engine, request, seams)
+
+
+def _may_be_terminal() -> bool:
+    """False when rich would not take stdout for a terminal: no tty, and neither
+    TTY_COMPATIBLE=1 nor FORCE_COLOR set (rich's `Console.is_terminal`). Asked first so
+    that a run whose output goes to a file or a pipe never loads rich; when True, the
+    console views.console() makes has the last word."""
+    if os.environ.get("TTY_COMPATIBLE") == "1" or os.environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed: rich says no terminal
+        return False
 
 
 @contextlib.contextmanager
@@ -292,6 +339,9 @@ def daemon_command(config_file: str | None, log_format: str) -> None:
     One log line a run on stderr. A stop signal lets deliveries in flight finish and
     leaves the rest pending for the next run; exit status 0 after a clean stop.
     """
+    from reconciler.ops.daemon import require_schedule, run_daemon
+    from reconciler.redact import install_log_redaction
+
     config, engine = _setup(config_file, check=require_schedule)
     logs.configure(log_format)
     install_log_redaction(config.redact)
@@ -314,6 +364,9 @@ def prune_command(config_file: str | None, keep_days: int | None, as_json: bool)
     Pending updates, rejected ones that still block a re-send, and the acknowledged
     state are never deleted. Takes the run lock: exit status 3 while a run holds it.
     """
+    from reconciler.state import history as history_core
+    from reconciler.state.retention import prune_now
+
     config, engine = _setup(config_file)
     days = keep_days or config.history.keep_days
     cutoff, pruned = prune_now(engine, days)
@@ -338,6 +391,9 @@ def check_command(config_file: str | None, as_json: bool) -> None:
     One line per check: ok, or what is wrong and the fix. Exit status 0 when every
     check is ok, 1 when one failed, 2 when the config is invalid.
     """
+    from reconciler.config import config_path
+    from reconciler.ops import check as check_core
+
     config, config_check = check_core.check_config(config_path(config_file))
     checks = [config_check]
     if config is not None:
@@ -367,6 +423,9 @@ def check_command(config_file: str | None, as_json: bool) -> None:
 @_handle_errors
 def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
     """The newest runs first, with their counts."""
+    from reconciler import views
+    from reconciler.state import history as history_core
+
     _, engine = _setup(config_file)
     runs = _read(engine, lambda conn: history_core.list_runs(conn, limit))
     if as_json:
@@ -382,6 +441,9 @@ def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
 @_handle_errors
 def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
     """One run: counts, changes, and deliveries with their errors."""
+    from reconciler import views
+    from reconciler.state import history as history_core
+
     _, engine = _setup(config_file)
     if as_json:
         _print_json(_read(engine, lambda conn: history_core.show_run(conn, run_id)))
@@ -406,6 +468,8 @@ def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
 @_handle_errors
 def user_command(user_id: str, config_file: str | None, as_json: bool) -> None:
     """One user's acknowledged state and timeline of changes and deliveries."""
+    from reconciler.state import history as history_core
+
     _print_timeline(config_file, as_json, lambda conn: history_core.user_timeline(conn, user_id))
 
 
@@ -416,6 +480,8 @@ def user_command(user_id: str, config_file: str | None, as_json: bool) -> None:
 @_handle_errors
 def account_command(group_id: str, config_file: str | None, as_json: bool) -> None:
     """One account's acknowledged state and timeline of changes and deliveries."""
+    from reconciler.state import history as history_core
+
     _print_timeline(
         config_file, as_json, lambda conn: history_core.account_timeline(conn, group_id)
     )
@@ -425,6 +491,8 @@ def _print_timeline(
     config_file: str | None, as_json: bool, read: Callable[[Any], dict[str, Any]]
 ) -> None:
     """`user` and `account`: the acknowledged state and the timeline, as JSON or a view."""
+    from reconciler import views
+
     _, engine = _setup(config_file)
     data = _read(engine, read)
     if as_json:
@@ -434,6 +502,10 @@ def _print_timeline(
 
 
 def _read(engine: Engine, query: Callable[[Any], Any]) -> Any:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from reconciler.state.db import database_error
+
     try:
         with engine.connect() as conn:
             return query(conn)
@@ -442,6 +514,8 @@ def _read(engine: Engine, query: Callable[[Any], Any]) -> Any:
 
 
 def _print_result(result: RunResult, as_json: bool) -> None:
+    from reconciler import summaries
+
     if as_json:
         _print_json(result.as_dict())
         return
@@ -449,6 +523,8 @@ def _print_result(result: RunResult, as_json: bool) -> None:
 
 
 def _print_dry_run(report: DryRunReport, as_json: bool) -> None:
+    from reconciler import summaries
+
     if as_json:
         _print_json(summaries.dry_run_data(report))
         return
