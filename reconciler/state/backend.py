@@ -8,6 +8,7 @@ Every stage that writes or reads the run's temporary tables in bulk goes through
     true                the SQL literal of a true boolean column value
     load(...)           bulk insert: executemany on SQLite, COPY on PostgreSQL
     analyze(table)      refresh planner statistics where the planner uses them
+    unique(table)       whether a temporary table has a unique index
     stream(sql)         rows in chunks, server-side on PostgreSQL, never held whole
     server_now()        the time leases are judged by (the server's clock on PostgreSQL)
     hash_joins()        around a bulk statement PostgreSQL's planner misjudges: no nested loops
@@ -79,6 +80,19 @@ class Backend:
         SQLite's planner does well on its indexes alone)."""
         if self.postgres:
             self.conn.exec_driver_sql(f"ANALYZE {table}")
+
+    def unique(self, table: str) -> bool:
+        """Whether a temporary table of this run has a unique index."""
+        if self.postgres:
+            sql = (
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indisunique "
+                f"AND indrelid = 'pg_temp.{table}'::regclass)"
+            )
+        else:
+            sql = (
+                f"SELECT EXISTS (SELECT 1 FROM temp.pragma_index_list('{table}') WHERE \"unique\")"
+            )
+        return bool(self.conn.exec_driver_sql(sql).scalar_one())
 
     def stream(
         self, sql: str, batch: int, name: str = "reconciler_stream"
