@@ -36,6 +36,7 @@ from reconciler.pipeline.snapshot import (
 )
 from reconciler.pipeline.source import TRUE
 from reconciler.pipeline.source_snapshot import begin_snapshot
+from reconciler.state.backend import Backend
 from reconciler.state.db import database_error, source_engine
 from reconciler.state.ledger import commit_plan, count_pending, update_run
 from reconciler.state.schema import updates
@@ -62,6 +63,7 @@ def plan_run(config: Config, engine: Engine, run_id: int, request: RunRequest) -
     Raises RunHalted (after recording what the run saw) when the guard trips.
     """
     with engine.connect() as state:
+        Backend(state).analyze_stale()  # before the diff plans its joins on them
         snapshot = snapshot_and_diff(config, state, request.resync_keys)
         observed_at = snapshot.source.taken_at
         verdict = check_exits(state, config.safety, audience_keys(config), request.accept_exits)
