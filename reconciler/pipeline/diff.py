@@ -65,12 +65,16 @@ def fill_diff(state: Connection) -> None:
     """Compute `diff` from `snap`, `run_keys`, `acked` and the uncertain keys."""
     db = Backend(state)
     _fill_uncertain(state)
-    # The DISTINCT subquery hides `snap`'s statistics, so joins on (entity, key) are
+    # `snap` holds duplicate rows only when its index is not unique (snapshot.py).
+    current = (
+        "snap" if db.unique("snap") else "(SELECT DISTINCT user_id, key, value, entity FROM snap)"
+    )
+    # A DISTINCT subquery hides `snap`'s statistics, so joins on (entity, key) are
     # estimated at a few dozen rows and the planner probes `acked` by index once per
     # snapshot row (measured 2.2 s against 1.2 s hashed, 300k users, no change).
     # This statement is bulk work whatever the sizes: hash it.
     with db.hash_joins():
-        _insert_diff(state)
+        _insert_diff(state, current)
     # Without the entity: lookups filter on it after (user_id, key), which ids of a user
     # and an account rarely share; a narrower index builds faster.
     state.exec_driver_sql("CREATE INDEX diff_user ON diff (entity, user_id, key)")
@@ -81,12 +85,12 @@ def fill_diff(state: Connection) -> None:
     db.analyze("diff")
 
 
-def _insert_diff(state: Connection) -> None:
+def _insert_diff(state: Connection, current: str) -> None:
     state.exec_driver_sql(f"""
         INSERT INTO diff (entity, user_id, key, kind, new_value, old_value, forced)
         -- a current value that is not the acknowledged one (or that a resync forces)
         SELECT s.entity, s.user_id, s.key, k.kind, s.value, a.value, k.forced
-        FROM (SELECT DISTINCT user_id, key, value, entity FROM snap) AS s  -- index order
+        FROM {current} AS s
         JOIN run_keys AS k ON k.entity = s.entity AND k.key = s.key AND k.failed = 0
         LEFT JOIN acked AS a
           ON a.entity = s.entity AND a.user_id = s.user_id AND a.key = s.key

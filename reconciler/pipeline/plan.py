@@ -92,13 +92,27 @@ def count_diff(state: Connection) -> PlanCounts:
     can occur with custom attributes and without contact field changes (every body
     carries its changed keys); an account's (no user_id) are counted. Fields left out
     are not counted: only building the bodies finds them."""
-    users, accounts, entered, exited, traits = state.exec_driver_sql(f"""
-        SELECT COUNT(DISTINCT CASE WHEN entity = 'contact' THEN user_id END),
-               COUNT(DISTINCT CASE WHEN entity = 'customer' THEN user_id END),
-               SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
+    entered, exited, traits = state.exec_driver_sql(f"""
+        SELECT SUM(CASE WHEN kind = 'audience' AND new_value = '{TRUE}' THEN 1 ELSE 0 END),
                SUM(CASE WHEN kind = 'audience' AND new_value <> '{TRUE}' THEN 1 ELSE 0 END),
                SUM(CASE WHEN kind = 'trait' THEN 1 ELSE 0 END)
         FROM diff""").one()
+    # Ids apart, each a DISTINCT in the order of the diff's index: cheaper than one
+    # COUNT(DISTINCT CASE ...) sorting every row (measured at 1M users on PostgreSQL:
+    # 1.3-1.8 s for the sums and 2.3-2.7 s for the users, against 5.0-6.4 s together).
+    # Without account keys this run there are no account rows: spare a scan of them.
+    with_accounts = state.exec_driver_sql(
+        "SELECT COUNT(*) FROM run_keys WHERE entity = 'customer' AND failed = 0"
+    ).scalar_one()
+    users, accounts = (
+        state.exec_driver_sql(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT user_id FROM diff "
+            f"WHERE entity = '{entity}') AS u"
+        ).scalar_one()
+        if entity == "contact" or with_accounts
+        else 0
+        for entity in ("contact", "customer")
+    )
     skipped = (
         state.exec_driver_sql("""
         SELECT COUNT(*) FROM (SELECT DISTINCT d.user_id FROM diff AS d

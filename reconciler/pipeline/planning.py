@@ -41,6 +41,7 @@ from reconciler.pipeline.snapshot import (
 )
 from reconciler.pipeline.source import TRUE
 from reconciler.pipeline.source_snapshot import begin_snapshot
+from reconciler.state.backend import Backend
 from reconciler.state.db import database_error, source_engine
 from reconciler.state.ledger import commit_page, count_pending, supersede_stale, update_run
 from reconciler.state.schema import updates
@@ -72,6 +73,7 @@ def plan_run(
     nothing of the run was kept.
     """
     with engine.connect() as state:
+        Backend(state).analyze_stale()  # before the diff plans its joins on them
         snapshot = snapshot_and_diff(config, state, request.resync_keys)
         observed_at = snapshot.source.taken_at
         verdict = check_exits(state, config.safety, audience_keys(config), request.accept_exits)

@@ -8,6 +8,8 @@ Every stage that writes or reads the run's temporary tables in bulk goes through
     true                the SQL literal of a true boolean column value
     load(...)           bulk insert: executemany on SQLite, COPY on PostgreSQL
     analyze(table)      refresh planner statistics where the planner uses them
+    analyze_stale(...)  ANALYZE state tables whose statistics went stale (PostgreSQL)
+    unique(table)       whether a temporary table has a unique index
     stream(sql)         rows in chunks, server-side on PostgreSQL, never held whole
     server_now()        the time leases are judged by (the server's clock on PostgreSQL)
     hash_joins()        around a bulk statement PostgreSQL's planner misjudges: no nested loops
@@ -21,12 +23,23 @@ source_snapshot.py's: they concern the user's warehouse, not the state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
+
+# The state tables a run's diff, plan and ledger join in bulk, and the columns their
+# queries filter and join on where a table has others (statistics of the bodies would
+# cost a third of the time of ANALYZE updates, measured at 100k users).
+JOINED = {
+    "acked": "",
+    "ack_versions": "",
+    "updates": "(id, message_id, user_id, run_id, status, in_flight_since, entity)",
+    "changes": "",
+    "uncertain_keys": "",
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,43 @@ class Backend:
         SQLite's planner does well on its indexes alone)."""
         if self.postgres:
             self.conn.exec_driver_sql(f"ANALYZE {table}")
+
+    def analyze_stale(self, tables: Mapping[str, str] = JOINED) -> None:
+        """ANALYZE those of `tables` (state tables: name → column list, or "" for all)
+        whose planner statistics are stale: more rows changed since the last ANALYZE
+        than autovacuum's default threshold (50 + 10 %), which a server with
+        autovacuum off, or behind, never acts on; or never gathered for a table that
+        has rows. A state fresh from an initial sync has no statistics at all, and the
+        next run's joins on `acked`, `updates` and `changes` are planned as if they
+        were empty (measured at 100k users, 1 % changed: 28 s in `fill_plan` instead
+        of 0.4 s). One catalog query when nothing is stale. SQLite's planner does well
+        on the indexes of these tables alone."""
+        if not self.postgres:
+            return
+        stale = self.conn.exec_driver_sql(
+            "SELECT c.relname FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid "
+            "WHERE s.schemaname = current_schema() AND c.relname = ANY(%s) "
+            "AND (s.n_mod_since_analyze > 50 + 0.1 * GREATEST(c.reltuples, 0) "
+            # Never analyzed, yet not empty: the counters start at zero in a database
+            # copied or restored with its rows.
+            "OR (c.reltuples < 0 AND pg_relation_size(c.oid) > 65536))",
+            (list(tables),),
+        ).scalars()
+        for table in stale.all():
+            self.conn.exec_driver_sql(f'ANALYZE "{table}" {tables[table]}')
+
+    def unique(self, table: str) -> bool:
+        """Whether a temporary table of this run has a unique index."""
+        if self.postgres:
+            sql = (
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indisunique "
+                f"AND indrelid = 'pg_temp.{table}'::regclass)"
+            )
+        else:
+            sql = (
+                f"SELECT EXISTS (SELECT 1 FROM temp.pragma_index_list('{table}') WHERE \"unique\")"
+            )
+        return bool(self.conn.exec_driver_sql(sql).scalar_one())
 
     def stream(
         self, sql: str, batch: int, name: str = "reconciler_stream"
