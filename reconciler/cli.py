@@ -423,7 +423,6 @@ def check_command(config_file: str | None, as_json: bool) -> None:
 @_handle_errors
 def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
     """The newest runs first, with their counts."""
-    from reconciler import views
     from reconciler.state import history as history_core
 
     _, engine = _setup(config_file)
@@ -431,6 +430,8 @@ def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         _print_json(runs)
         return
+    from reconciler import views  # rich, for the table
+
     views.print_runs(views.console(), runs)
 
 
@@ -441,13 +442,13 @@ def history_command(config_file: str | None, limit: int, as_json: bool) -> None:
 @_handle_errors
 def show_command(run_id: int, config_file: str | None, as_json: bool) -> None:
     """One run: counts, changes, and deliveries with their errors."""
-    from reconciler import views
     from reconciler.state import history as history_core
 
     _, engine = _setup(config_file)
     if as_json:
         _print_json(_read(engine, lambda conn: history_core.show_run(conn, run_id)))
         return
+    from reconciler import views  # rich, for the tables
 
     def for_terminal(conn: Any) -> tuple[Any, ...]:
         return (
@@ -491,13 +492,13 @@ def _print_timeline(
     config_file: str | None, as_json: bool, read: Callable[[Any], dict[str, Any]]
 ) -> None:
     """`user` and `account`: the acknowledged state and the timeline, as JSON or a view."""
-    from reconciler import views
-
     _, engine = _setup(config_file)
     data = _read(engine, read)
     if as_json:
         _print_json(data)
         return
+    from reconciler import views  # rich, for the tables
+
     views.print_user(views.console(), data)
 
 

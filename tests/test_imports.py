@@ -83,3 +83,14 @@ def test_a_sync_to_a_pipe_loads_no_scheduler_metrics_alembic_or_rich(migrated: S
     assert len(migrated.receiver.requests) == 2  # it did send, through httpx
     assert "httpx" in modules
     assert modules.isdisjoint({"alembic", *DAEMON_ONLY, *TERMINAL_ONLY})
+
+
+@pytest.mark.parametrize("command", [("history", "--json"), ("user", "u-1", "--json")])
+def test_json_output_loads_no_terminal_tables(migrated: Setup, command: tuple[str, ...]):
+    modules = loaded(migrated.tmp_path, *command, *config(migrated))
+    assert modules.isdisjoint({"httpx", "alembic", *DAEMON_ONLY, *TERMINAL_ONLY})
+
+
+def test_a_table_loads_rich(migrated: Setup):
+    """The probe sees what a command imports in its body."""
+    assert "rich" in loaded(migrated.tmp_path, "history", *config(migrated))
