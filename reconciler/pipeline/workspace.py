@@ -123,6 +123,7 @@ plan = _temp(
 
 def create(state: Connection) -> None:
     """(Re)create every table of the workspace, empty, on this connection."""
+    Backend(state).bulk_settings()
     _drop_each(state)
     metadata.create_all(state, checkfirst=False)
 
