@@ -14,6 +14,7 @@ from reconciler.config import Entry
 from reconciler.pipeline import workspace
 from reconciler.pipeline.diff import fill_diff, fill_run_keys
 from reconciler.pipeline.plan import fill_plan, message_id
+from reconciler.pipeline.snapshot import _group_profile
 from reconciler.state.db import migrate, state_engine
 from reconciler.state.schema import ack_versions, acked
 
@@ -133,3 +134,24 @@ def test_plan_rows_carry_deterministic_ids_and_bodies_accounts_first(conn: Conne
     assert body["custom"] == [{"key": "high_value", "value": True}]
     assert "sent_at" not in body  # added per attempt
     assert (counts.users, counts.accounts, counts.entered, counts.skipped) == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "raw, profile",
+    [
+        ([("u1", '{"a": 1}'), ("u2", '{"a": 2}')], [("u1", '{"a": 1}'), ("u2", '{"a": 2}')]),
+        (
+            [("u1", '{"b": 1}'), ("u1", '{"a": 1}'), ("u2", "{}")],
+            [("u1", '{"a": 1}'), ("u2", "{}")],
+        ),
+    ],
+    ids=["one-row-per-user", "two-rows-the-first-in-json-order"],
+)
+def test_the_profile_has_one_row_per_user(conn: Connection, raw, profile):
+    conn.execute(insert(workspace.profile_raw), [{"user_id": u, "data": d} for u, d in raw])
+    _group_profile(conn)
+    rows = conn.exec_driver_sql("SELECT user_id, data FROM profile ORDER BY user_id").all()
+    assert [tuple(r) for r in rows] == profile
+    workspace.create(conn)  # the next run on this connection finds both tables, empty
+    for name in ("profile_raw", "profile"):
+        assert conn.exec_driver_sql(f"SELECT COUNT(*) FROM {name}").scalar_one() == 0

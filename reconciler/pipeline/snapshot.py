@@ -241,13 +241,25 @@ def load_profile(
 
 
 def _group_profile(state: Connection) -> None:
-    """`profile` from `profile_raw`: one row per user."""
-    state.exec_driver_sql(
-        "INSERT INTO profile (user_id, data) SELECT user_id, MIN(data) "
-        "FROM profile_raw GROUP BY user_id"
-    )
-    state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
-    Backend(state).analyze("profile")
+    """`profile` from `profile_raw`: one row per user.
+
+    A profile query returns one row per user as a rule: when a unique index on
+    `profile_raw` proves it, that table becomes `profile` as it is, with no copy.
+    """
+    db = Backend(state)
+    try:
+        with state.begin_nested():  # on PostgreSQL a failed statement ends the transaction
+            state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile_raw (user_id)")
+    except IntegrityError:
+        state.exec_driver_sql(
+            "INSERT INTO profile (user_id, data) SELECT user_id, MIN(data) "
+            "FROM profile_raw GROUP BY user_id"
+        )
+        state.exec_driver_sql("CREATE UNIQUE INDEX profile_user ON profile (user_id)")
+    else:
+        state.exec_driver_sql(f"DROP TABLE {db.temp('profile')}")
+        state.exec_driver_sql(f"ALTER TABLE {db.temp('profile_raw')} RENAME TO profile")
+    db.analyze("profile")
 
 
 def _profile_rows(

@@ -123,11 +123,25 @@ plan = _temp(
 
 def create(state: Connection) -> None:
     """(Re)create every table of the workspace, empty, on this connection."""
-    drop(state)
+    Backend(state).bulk_settings()
+    _drop_each(state)
     metadata.create_all(state, checkfirst=False)
 
 
 def drop(state: Connection) -> None:
+    """Drop every table of the workspace; the connection stays usable.
+
+    On SQLite, outside a transaction, by closing the connection (its next use opens a
+    new one): dropping a large temporary table frees its pages one by one, 0.2-0.3 s
+    of a no-change run at 100k users, while closing discards the temporary file.
+    """
+    if Backend(state).name == "sqlite" and not state.in_transaction():
+        state.invalidate()
+        return
+    _drop_each(state)
+
+
+def _drop_each(state: Connection) -> None:
     db = Backend(state)
     for table in reversed(metadata.sorted_tables):
         state.exec_driver_sql(f"DROP TABLE IF EXISTS {db.temp(table.name)}")

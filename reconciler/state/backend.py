@@ -6,6 +6,7 @@ Every stage that writes or reads the run's temporary tables in bulk goes through
     mark                the DBAPI parameter mark (`?` or `%s`)
     temp(name)          how a temporary table is named in DDL (`temp.snap` on SQLite)
     true                the SQL literal of a true boolean column value
+    bulk_settings()     settings for a run's bulk statements (no JIT on PostgreSQL)
     load(...)           bulk insert: executemany on SQLite, COPY on PostgreSQL
     analyze(table)      refresh planner statistics where the planner uses them
     analyze_stale(...)  ANALYZE state tables whose statistics went stale (PostgreSQL)
@@ -86,6 +87,14 @@ class Backend:
         for chunk in chunks:
             if chunk:
                 self.conn.exec_driver_sql(sql, list(chunk))
+
+    def bulk_settings(self) -> None:
+        """Settings for the bulk statements of a run, within its transaction: no JIT on
+        PostgreSQL. The diff's statements are costed high enough to be compiled, which
+        costs more than it saves (100 ms of the diff at 1M users, whose whole statement
+        takes a few seconds; the floor turns it off too)."""
+        if self.postgres:
+            self.conn.exec_driver_sql("SET LOCAL jit = off")
 
     def analyze(self, table: str) -> None:
         """Planner statistics for a freshly filled table (PostgreSQL plans by them;
