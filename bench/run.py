@@ -30,6 +30,7 @@ floors and the raw senders are measured. Generated data and state files go to ``
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import sys
 import traceback
@@ -806,6 +807,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen sections; print the table and the JSON line. Exit 1 if a step failed."""
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # An installed wheel comes with its bytecode; an editable install under
+    # PYTHONDONTWRITEBYTECODE=1 would compile every module in every measured process.
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "reconciler"), quiet=1)
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     cli_ok, reason = cli_available()
     if not cli_ok:
