@@ -11,7 +11,6 @@ Every stage that writes or reads the run's temporary tables in bulk goes through
     analyze(table)      refresh planner statistics where the planner uses them
     analyze_stale(...)  ANALYZE state tables whose statistics went stale (PostgreSQL)
     unique(table)       whether a temporary table has a unique index
-    stream(sql)         rows in chunks, server-side on PostgreSQL, never held whole
     server_now()        the time leases are judged by (the server's clock on PostgreSQL)
     hash_joins()        around a bulk statement PostgreSQL's planner misjudges: no nested loops
     collate_c           ` COLLATE "C"` where text order would follow the locale
@@ -24,7 +23,7 @@ source_snapshot.py's: they concern the user's warehouse, not the state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -138,21 +137,6 @@ class Backend:
                 f"SELECT EXISTS (SELECT 1 FROM temp.pragma_index_list('{table}') WHERE \"unique\")"
             )
         return bool(self.conn.exec_driver_sql(sql).scalar_one())
-
-    def stream(
-        self, sql: str, batch: int, name: str = "reconciler_stream"
-    ) -> Generator[list[tuple[Any, ...]]]:
-        """The rows of `sql` in chunks of `batch`; the connection may be written meanwhile
-        (a named server-side cursor on PostgreSQL, a second cursor on SQLite)."""
-        raw = self.conn.connection.driver_connection
-        assert raw is not None
-        reader = raw.cursor(name) if self.postgres else raw.cursor()
-        try:
-            reader.execute(sql)
-            while rows := reader.fetchmany(batch):
-                yield rows
-        finally:
-            reader.close()
 
     def writer(self) -> Any:
         """A DBAPI cursor for executemany loops too hot for SQLAlchemy's per-row work."""
